@@ -19,6 +19,7 @@ CORE = [
     "matplotlib",
     "math-verify",
     "reasoning-gym>=0.1.25",
+    "pyarrow",  # parquet prompt datasets
 ]
 
 setup(

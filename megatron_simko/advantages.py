@@ -1,0 +1,25 @@
+"""GRPO group advantages (SIMKO_SPEC.md, Notation): A = (R − mean_group R) / (std_group R + 1e-6).
+
+The std is the unbiased one (torch.std, correction=1), as in the reference GRPO implementations. A group of
+one response has no spread: its advantage is 0. The advantage is per response and broadcast over its tokens
+by the loss.
+"""
+from __future__ import annotations
+
+import torch
+
+GRPO_EPS = 1e-6
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = GRPO_EPS) -> torch.Tensor:
+    """rewards [G·n] ordered group by group (n = group_size consecutive responses per prompt) → advantages [G·n]."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [num_responses], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.to(torch.float64).view(-1, group_size)  # (G, n)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True)  # unbiased
+    return ((r - mean) / (std + eps)).view(-1).to(torch.float32)

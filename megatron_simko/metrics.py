@@ -1,0 +1,70 @@
+"""Per-step metrics: a jsonl file (one JSON object per step), TensorBoard scalars and histograms, and a
+concise console line. Only the logging rank (global rank 0) writes; other ranks get a no-op logger.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, Mapping, Optional
+
+import torch
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.log_dir = log_dir
+        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self._tb = None
+        self._history: list[Dict[str, float]] = []
+        if not enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        if resume_step > 0 and os.path.exists(self.jsonl_path):
+            self._truncate_after(resume_step)  # a resumed run rewrites the steps after its checkpoint
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.jsonl_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.jsonl_path)
+
+    def log(self, step: int, scalars: Mapping[str, float], histograms: Optional[Mapping[str, torch.Tensor]] = None):
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time()}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._history.append(record)
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(float(v)):
+                    self._tb.add_scalar(k, float(v), step)
+            for k, values in (histograms or {}).items():
+                if values.numel() > 0:
+                    self._tb.add_histogram(k, values.detach().float().cpu(), step)
+            self._tb.flush()
+
+    def summary(self, keys=("reward/mean", "train/pass@1", "entropy/mean", "loss/clip_fraction")) -> str:
+        """First → last value of the key metrics, one line each."""
+        if not self._history:
+            return "no steps logged"
+        first, last = self._history[0], self._history[-1]
+        lines = [f"steps logged: {len(self._history)} (last step {last['step']}); metrics: {self.jsonl_path}"]
+        for k in keys:
+            if k in first and k in last:
+                lines.append(f"  {k:<24} {first[k]:.4f} -> {last[k]:.4f}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

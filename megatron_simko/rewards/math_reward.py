@@ -1,0 +1,57 @@
+"""Math reward: math-verify on the last \\boxed{...} of the response against the gold answer (1.0 or 0.0)."""
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+from .extract import last_boxed
+
+# math-verify's own limit per parse / comparison (signal.alarm, whole seconds, main thread only). It stops
+# sympy blow-ups early; the hard guarantee is the isolated worker's kill (rewards/worker.py).
+INNER_TIMEOUT_S = 1
+
+
+def _timeout() -> int | None:
+    return INNER_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=65536)
+def _parse_gold(gold: str):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    boxed = last_boxed(gold)
+    text = f"\\boxed{{{boxed}}}" if boxed is not None else f"${gold}$"
+    return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                 parsing_timeout=_timeout())
+
+
+def _squash(s: str) -> str:
+    return "".join(s.split())
+
+
+def math_verify_equal(pred: str, gold: str) -> bool:
+    """True if the LaTeX answer `pred` (box content) equals `gold` per math-verify."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    if _squash(pred) and _squash(pred) == _squash(gold):  # identical text: equal without sympy
+        return True
+    gold_parsed = _parse_gold(gold)
+    if not gold_parsed:
+        return False
+    pred_parsed = parse(f"\\boxed{{{pred}}}", extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+                        parsing_timeout=_timeout())
+    if not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=_timeout()))
+
+
+def math_reward(response: str, example) -> float:
+    """1.0 if the last \\boxed{...} in response equals example.answer (math-verify), else 0.0 (also when
+    there is no box, the box is unclosed, or either side does not parse)."""
+    pred = last_boxed(response)
+    if pred is None or not pred.strip():
+        return 0.0
+    try:
+        return 1.0 if math_verify_equal(pred, str(example.answer)) else 0.0
+    except Exception:  # math-verify raises on its own timeouts only if asked; anything else: no credit
+        return 0.0

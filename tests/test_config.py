@@ -1,0 +1,76 @@
+"""The configuration tree: YAML + overrides, type coercion, early validation with the key named."""
+import pytest
+
+from megatron_simko.config import Config, ConfigError, config_from_dict, load_config, save_config
+
+EXAMPLES = ["simko_qwen7b", "grpo_qwen7b", "psr_qwen7b", "nsr_qwen7b", "w_reinforce_qwen7b", "simko_llama3b"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_configs_load_and_validate(name):
+    cfg = load_config(f"examples/configs/{name}.yaml").validate()
+    assert cfg.loss.mode == name.split("_qwen7b")[0].split("_llama3b")[0]
+
+
+def test_paper_settings_in_the_7b_config():
+    cfg = load_config("examples/configs/simko_qwen7b.yaml")
+    assert (cfg.loss.top_k, cfg.loss.alpha, cfg.loss.lam, cfg.loss.tau) == (3, 0.01, 1.1, 0.8)
+    assert (cfg.optimizer.lr, cfg.optimizer.lr_schedule) == (1e-6, "constant")
+    assert (cfg.rollout.n_samples, cfg.data.prompts_per_step, cfg.train.mini_batch_size) == (8, 1024, 256)
+    assert (cfg.rollout.max_response_length, cfg.rollout.temperature) == (3072, 1.0)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["loss.alpha=0.05", "parallel.tensor_parallel=4", "parallel.sequence_parallel=true",
+                             "rollout.tis_cap=2", "checkpoint.dir=null", "model.hf_dir=/m"])
+    assert cfg.loss.alpha == 0.05 and isinstance(cfg.parallel.tensor_parallel, int)
+    assert cfg.parallel.sequence_parallel is True and cfg.rollout.tis_cap == 2.0 and cfg.checkpoint.dir is None
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel.tp=2"], "unknown key(s) parallel.tp"),
+        (["nonsense.key=1"], "unknown key(s) nonsense"),
+        (["train.steps=abc"], "train.steps: expected int"),
+        (["train.steps=1.5"], "train.steps: expected an integer"),
+        (["loss.alpha=2"], "alpha must be in [0, 1]"),
+        (["loss.mode=ppo"], "mode must be one of"),
+        (["rollout.temperature=0"], "rollout.temperature"),
+        (["model.dtype=fp16"], "model.dtype"),
+        (["parallel.sequence_parallel=maybe"], "expected true/false"),
+        (["loss.alpha"], "not of the form key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert needle in str(exc.value)
+
+
+def test_cross_section_validation():
+    base = ["model.hf_dir=/m", "data.train=reasoning_gym:chain_sum"]
+    config_from_dict({}, base + ["data.prompts_per_step=8", "train.mini_batch_size=4"]).validate()
+    with pytest.raises(ConfigError, match="must divide data.prompts_per_step"):
+        config_from_dict({}, base + ["data.prompts_per_step=8", "train.mini_batch_size=3"]).validate()
+    with pytest.raises(ConfigError, match="must fit one full sequence"):
+        config_from_dict({}, base + ["train.micro_batch_tokens=100"]).validate()
+    with pytest.raises(ConfigError, match="model.hf_dir"):
+        Config().validate()
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    cfg = load_config("examples/configs/simko_qwen7b.yaml", ["loss.lam=1.3"])
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, str(path))
+    assert load_config(str(path)) == cfg
+    assert [p.name for p in tmp_path.iterdir()] == ["resolved.yaml"]  # no temp files left behind
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
