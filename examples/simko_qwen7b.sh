@@ -17,6 +17,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="${CONFIG:-$ROOT/examples/configs/simko_qwen7b.yaml}"
 PY="${PYTHON:-python}"
+[[ -z "${PYTHON:-}" && -x "$ROOT/.venv/bin/python" ]] && PY="$ROOT/.venv/bin/python"   # tools/setup_env.sh's venv
 
 if [[ "${1:-}" == "--dry-run" ]]; then
   shift

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from megatron_simko.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM
 from megatron_simko.losses import SimKOConfig
 
 
@@ -108,15 +109,17 @@ class RolloutConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # jsonl / parquet path, or "reasoning_gym:<task>"
+    train: str = ""  # jsonl / parquet path, or "reasoning_gym/<task>"
     validation: Optional[str] = None  # same forms; None = no validation
     train_size: int = 10000  # procedural datasets only
+    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # task options, e.g. {min_terms: 2}
     validation_size: int = 64
     prompts_per_step: int = 1024
-    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    system_prompt: str = "You are a helpful assistant."
+    instruction: str = DEFAULT_INSTRUCTION  # appended to each problem (the paper's Qwen2.5-Math setup)
+    system_prompt: str = DEFAULT_SYSTEM
     skip_malformed: bool = False
     seed: int = 1
+    reward_timeout_s: float = 5.0  # hard per-response limit on reward computation
 
     def __post_init__(self):
         _require(self.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
@@ -163,8 +166,9 @@ class Config:
 
     def validate(self) -> "Config":
         """Cross-section checks that need no model files and no process groups."""
-        _require(bool(self.model.hf_dir or self.model.megatron_dir), "model.hf_dir", "set a model directory")
-        _require(bool(self.data.train), "data.train", "set a dataset path or reasoning_gym:<task>")
+        _require(bool(self.model.hf_dir), "model.hf_dir",
+                 "set the Hugging Face model directory (config, tokenizer; the weights unless model.megatron_dir)")
+        _require(bool(self.data.train), "data.train", "set a dataset path or reasoning_gym/<task>")
         _require(
             self.data.prompts_per_step % self.train.mini_batch_size == 0,
             "train.mini_batch_size",

@@ -49,7 +49,7 @@ def test_bad_values_name_the_key(overrides, needle):
 
 
 def test_cross_section_validation():
-    base = ["model.hf_dir=/m", "data.train=reasoning_gym:chain_sum"]
+    base = ["model.hf_dir=/m", "data.train=reasoning_gym/chain_sum"]
     config_from_dict({}, base + ["data.prompts_per_step=8", "train.mini_batch_size=4"]).validate()
     with pytest.raises(ConfigError, match="must divide data.prompts_per_step"):
         config_from_dict({}, base + ["data.prompts_per_step=8", "train.mini_batch_size=3"]).validate()

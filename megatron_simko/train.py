@@ -1,0 +1,436 @@
+"""SimKO / GRPO-family RL training: ``python -m megatron_simko.train --config CONFIG.yaml [key=value ...]``.
+
+One RL step, as the loop below runs it (every rank; torchrun provides the ranks):
+
+    prompts ──rollout/ (vLLM, n samples each)──► responses ──rewards/──► R ──advantages──► A
+        ──trainer/ forward-only──► old log-probs (and entropy, Λ^(k), trainer–vLLM mismatch)
+        ──trainer/ train_step × mini-batches × epochs (losses/ SimKO, megatron-core optimizer)──►
+        ──rollout/ weight sync (checksum-verified)──► metrics, validation, checkpoint
+
+``--dry-run`` validates the configuration against the model's config.json and prints the parallel layout and a
+per-GPU memory estimate without starting any process group (no GPU needed).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_simko.config import Config, ConfigError, config_to_dict, load_config, save_config
+from megatron_simko.models.gpt import ModelArch, arch_from_hf_config, padded_vocab_size, validate_parallelism
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(prog="python -m megatron_simko.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML configuration file (examples/configs/)")
+    p.add_argument("--dry-run", action="store_true", help="validate, print layout and memory estimate, exit")
+    p.add_argument("--nodes", type=int, default=None, help="dry run: number of nodes (default: $NNODES or 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="dry run: memory per GPU")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.alpha=0.02")
+    return p.parse_args(argv)
+
+
+def check_parallel_config(cfg: Config, arch: ModelArch, world_size: int, on_this_machine: bool = True) -> int:
+    """Everything about the layout that can be checked before any process group exists; returns DP."""
+    par = cfg.parallel
+    validate_parallelism(arch, par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline_parallel)
+    model_parallel = par.tensor_parallel * par.pipeline_parallel
+    if world_size % model_parallel:
+        raise ConfigError(f"parallel: world size {world_size} is not divisible by tensor_parallel × pipeline_parallel"
+                          f" = {model_parallel}")
+    dp = world_size // model_parallel
+    for key, value in (("data.prompts_per_step", cfg.data.prompts_per_step),
+                       ("train.mini_batch_size", cfg.train.mini_batch_size)):
+        if value % dp:
+            raise ConfigError(f"{key}={value} must be divisible by the data-parallel size {dp}")
+    rollout_tp = cfg.rollout.tensor_parallel or par.tensor_parallel
+    if world_size % rollout_tp or arch.num_query_groups % rollout_tp:
+        raise ConfigError(f"rollout.tensor_parallel={rollout_tp} must divide the world size {world_size} and "
+                          f"the KV heads {arch.num_query_groups}")
+    if on_this_machine and cfg.model.dtype == "bf16" and not torch.cuda.is_available():
+        raise ConfigError("model.dtype=bf16 needs a GPU; use model.dtype=fp32 on CPU")
+    return dp
+
+
+def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> int:
+    from megatron_simko.memory_estimate import estimate_memory, parameter_counts
+
+    world = nodes * gpus_per_node
+    dp = check_parallel_config(cfg, arch, world, on_this_machine=False)
+    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
+    counts = parameter_counts(arch, tp)
+    total = counts["embedding"] + counts["output"] + counts["layers"] + counts["final_norm"]
+    rollout_tp = cfg.rollout.tensor_parallel or tp
+    responses = cfg.data.prompts_per_step * cfg.rollout.n_samples
+    print(f"config OK: {arch.hf_architecture} ({total / 1e9:.2f} B parameters, vocab {arch.vocab_size} padded to "
+          f"{padded_vocab_size(arch.vocab_size, tp)})")
+    print(f"layout: {nodes} node(s) × {gpus_per_node} GPUs = {world} ranks = TP {tp} × PP {pp} × DP {dp}"
+          + (f" (virtual PP {cfg.parallel.virtual_pipeline_parallel})" if cfg.parallel.virtual_pipeline_parallel else ""))
+    print(f"rollout: {world // rollout_tp} vLLM replicas of TP {rollout_tp}, colocated (sleep mode between phases)")
+    print(f"per step: {cfg.data.prompts_per_step} prompts × n={cfg.rollout.n_samples} = {responses} responses; "
+          f"{cfg.data.prompts_per_step // cfg.train.mini_batch_size} optimizer step(s) × {cfg.train.ppo_epochs} "
+          f"epoch(s); {cfg.data.prompts_per_step // dp} prompts per DP rank")
+    print(f"loss: {cfg.loss}")
+    est = estimate_memory(arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
+                          cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib)
+    print("per-GPU memory estimate (megatron_simko/memory_estimate.py states the assumptions):")
+    print(est.table(gpu_memory_gib))
+    fits = max(est.train_phase, est.rollout_phase) <= gpu_memory_gib * 1024**3
+    print("fits" if fits else "WARNING: the estimate exceeds the GPU memory; raise TP/PP or lower micro_batch_tokens")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Components:
+    """Everything the loop touches, built once by :func:`setup`."""
+
+    cfg: Config
+    arch: ModelArch
+    layout: object  # parallel.ParallelLayout
+    tokenizer: object
+    model: list  # DDP-wrapped model chunks
+    optimizer: object
+    scheduler: object
+    engine: object
+    sync: object
+    loader: object
+    val_prompts: Optional[list]
+    scorer: object
+    logger: object
+    ckpt_dir: str
+
+
+def _is_logging_rank() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    if _is_logging_rank():
+        print(f"[megatron_simko] {msg}", flush=True)
+
+
+def setup(cfg: Config, arch: ModelArch) -> Components:
+    from megatron_simko.checkpoint.native import load_hf_into_model, load_into_model
+    from megatron_simko.data import PromptLoader, load_prompts
+    from megatron_simko.data.tokenizer import load_tokenizer
+    from megatron_simko.metrics import MetricsLogger
+    from megatron_simko.parallel import initialize_parallel
+    from megatron_simko.rewards import RewardScorer
+    from megatron_simko.rollout import MegatronToVLLMSync, VLLMEngineConfig, VLLMRolloutEngine, WeightSyncConfig
+    from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp
+    from megatron_simko.trainer.optimizer import OptimConfig, build_optimizer, build_scheduler
+
+    par = cfg.parallel
+    layout = initialize_parallel(par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline_parallel,
+                                 seed=cfg.train.seed)
+    log(f"layout: world {layout.world_size} = TP {layout.tp} × PP {layout.pp} × DP {layout.dp} on {layout.device}")
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_dir)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ConfigError(f"model.tokenizer has {tokenizer.vocab_size} ids but the model only {arch.vocab_size} "
+                          f"embedding rows")
+
+    # Model: this rank's stage(s), initial weights, DDP, optimizer, schedule.
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    tconfig = trainer_transformer_config(arch, par.tensor_parallel, par.pipeline_parallel,
+                                         par.virtual_pipeline_parallel, params_dtype=dtype,
+                                         sequence_parallel=par.sequence_parallel)
+    chunks = build_model_chunks(arch, tconfig)
+    for chunk in chunks:
+        if cfg.model.megatron_dir:
+            load_into_model(chunk, cfg.model.megatron_dir, layout.tp_rank, layout.tp, layout.pp_rank, layout.pp, arch)
+        else:
+            load_hf_into_model(chunk, cfg.model.hf_dir, layout.tp_rank, layout.tp, arch)
+    model = wrap_with_ddp(chunks, use_distributed_optimizer=par.use_distributed_optimizer)
+    opt = cfg.optimizer
+    updates_per_step = (cfg.data.prompts_per_step // cfg.train.mini_batch_size) * cfg.train.ppo_epochs
+    optim_cfg = OptimConfig(lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
+                            adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.grad_clip,
+                            lr_decay_style=opt.lr_schedule, warmup_steps=opt.warmup_steps * updates_per_step,
+                            decay_steps=max(cfg.train.steps * updates_per_step, opt.warmup_steps * updates_per_step + 1),
+                            use_distributed_optimizer=par.use_distributed_optimizer)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg)
+
+    # Rollout engine (one vLLM worker per rank, SPMD) and the weight sync into it.
+    engine = VLLMRolloutEngine(VLLMEngineConfig(
+        model_dir=cfg.model.hf_dir,
+        tensor_parallel=cfg.rollout.tensor_parallel,
+        dtype="float32" if dtype == torch.float32 else "bfloat16",
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_model_len=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
+        cpu_kv_cache_gib=cfg.rollout.kv_cache_gib,
+        seed=cfg.train.seed,
+    ))
+    sync = MegatronToVLLMSync(model, arch, engine, WeightSyncConfig(bucket_mb=cfg.rollout.sync_bucket_mb,
+                                                                    verify_every=cfg.rollout.verify_sync_every))
+
+    # Data: every rank holds the same global prompt batch (rollouts are sharded over vLLM replicas and
+    # gathered back); each DP rank then trains on its contiguous share.
+    d = cfg.data
+    train_prompts = load_prompts(d.train, "train", size=d.train_size, seed=d.seed, skip_malformed=d.skip_malformed,
+                                 **d.reasoning_gym_config)
+    val_prompts = None
+    if d.validation:
+        val_prompts = list(load_prompts(d.validation, "validation", size=d.validation_size, seed=d.seed,
+                                        skip_malformed=d.skip_malformed, **d.reasoning_gym_config))
+    loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
+    scorer = RewardScorer(timeout_s=cfg.data.reward_timeout_s)
+
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.train.log_dir, "checkpoints")
+    return Components(cfg, arch, layout, tokenizer, model, optimizer, scheduler, engine, sync, loader, val_prompts,
+                      scorer, logger=None, ckpt_dir=ckpt_dir)
+
+
+# ------------------------------------------------------------------------------------------- one RL step
+
+
+def encode_prompts(c: Components, examples) -> List[List[int]]:
+    from megatron_simko.data import render_prompt
+
+    ids = []
+    for i, ex in enumerate(examples):
+        text = render_prompt(ex, c.tokenizer, system=c.cfg.data.system_prompt, instruction=c.cfg.data.instruction)
+        tokens = c.tokenizer.encode(text)
+        if len(tokens) > c.cfg.rollout.max_prompt_length:
+            raise ValueError(f"prompt {i} of this batch has {len(tokens)} tokens, more than rollout.max_prompt_length"
+                             f"={c.cfg.rollout.max_prompt_length}; raise the limit or filter the dataset")
+        ids.append(tokens)
+    return ids
+
+
+def sampling_config(c: Components, step: int, validation: bool = False):
+    from megatron_simko.rollout import SamplingConfig
+
+    r = c.cfg.rollout
+    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length,
+                          seed=c.cfg.train.seed + (10**6 if validation else 0),
+                          stop_token_ids=(c.tokenizer.eos_id,))
+
+
+def score_globally(c: Components, results, examples) -> tuple:
+    """Decode and score every response of the global batch: each rank scores a contiguous slice, then all
+    ranks gather all rewards (so rollout metrics are global without further communication)."""
+    import torch.distributed as dist
+
+    from megatron_simko.rollout import shard_bounds
+
+    flat = [(p, s) for p, r in enumerate(results) for s in r.samples]
+    texts = [c.tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    lo, hi = shard_bounds(len(flat), rank, world)
+    mine = c.scorer.score(texts[lo:hi], [examples[p] for p, _ in flat[lo:hi]])
+    if world > 1:
+        parts: List[Optional[List[float]]] = [None] * world
+        dist.all_gather_object(parts, mine)
+        rewards = [x for part in parts for x in part]
+    else:
+        rewards = mine
+    return torch.tensor(rewards, dtype=torch.float32), texts
+
+
+def token_metrics(c: Components, batch, stats) -> Dict[str, float]:
+    """Entropy and Λ^(k) over this DP rank's response tokens, merged over DP (sums / counts)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    mask = batch.loss_mask
+    K = stats.topk_logprob.shape[-1]
+    sums = torch.zeros(3 + K, dtype=torch.float64)
+    sums[0] = mask.sum()
+    sums[1] = stats.entropy[mask].double().sum()
+    sums[2] = (stats.is_rank1 & mask).sum()
+    for k in range(K):
+        sums[3 + k] = stats.topk_logprob[..., k][mask].double().sum()
+    dist.all_reduce(sums, group=mpu.get_data_parallel_group())
+    n = max(float(sums[0]), 1.0)
+    out = {"entropy/mean": float(sums[1]) / n, "tokens/rank1_fraction": float(sums[2]) / n}
+    out.update({f"lambda/{k + 1}": float(sums[3 + k]) / n for k in range(K)})
+    return out
+
+
+def rl_step(c: Components, step: int) -> Dict[str, float]:
+    from megatron.core import parallel_state as mpu
+
+    from megatron_simko.experience import build_experience, rollout_metrics
+    from megatron_simko.rollout import generate_global, logprob_mismatch, shard_bounds, truncated_importance_weights
+    from megatron_simko.rollout.sharding import RolloutLayout
+    from megatron_simko.trainer.optimizer import train_step
+    from megatron_simko.trainer.step import compute_token_stats
+
+    cfg, L = c.cfg, c.layout
+    n = cfg.rollout.n_samples
+    times: Dict[str, float] = {}
+    t = time.perf_counter()
+
+    # 1. rollout: the global prompt batch, n samples each, sharded over vLLM replicas, gathered to all ranks.
+    examples = c.loader.next_batch()
+    prompt_ids = encode_prompts(c, examples)
+    results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step),
+                              RolloutLayout.current(c.engine.tensor_parallel), step=step)
+    c.engine.release_memory()
+    times["time/rollout"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    # 2. rewards (global) → GRPO advantages inside build_experience (per prompt group).
+    rewards, texts = score_globally(c, results, examples)
+    lengths = torch.tensor([s.length for r in results for s in r.samples])
+    truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
+    metrics = rollout_metrics(rewards, lengths, truncated, n)
+    lo, hi = shard_bounds(len(results), L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups)
+    exp = build_experience(results[lo:hi], rewards[lo * n:hi * n].tolist(), texts[lo * n:hi * n], c.tokenizer.pad_id)
+    batch = exp.batch
+    times["time/reward"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    # 3. old-policy log-probs (the policy that generated the rollouts, recomputed by the trainer) + metrics.
+    stats = compute_token_stats(c.model, batch, cfg.loss.top_k, c.arch.vocab_size, cfg.rollout.temperature,
+                                max_tokens=cfg.train.micro_batch_tokens, broadcast_to_all_stages=True)
+    batch.old_logprob = stats.target_logprob
+    metrics.update(logprob_mismatch(stats.target_logprob, batch.rollout_logprob, batch.loss_mask,
+                                    group=mpu.get_data_parallel_group()))
+    metrics.update(token_metrics(c, batch, stats))
+    entropy_hist = stats.entropy[batch.loss_mask]
+    tis = truncated_importance_weights(stats.target_logprob, batch.rollout_logprob, cfg.rollout.tis_cap,
+                                       batch.loss_mask)
+    if tis is not None:  # loss is linear in A per token: scaling A by w ≥ 0 weights the token's loss by w
+        batch.advantages = batch.advantages.unsqueeze(1) * tis
+    times["time/old_logprob"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    # 4. PPO-style updates: epochs × mini-batches (whole prompt groups, in order), one optimizer step each.
+    rows_per_mini = cfg.train.mini_batch_size // L.dp * n
+    train_metrics: List[Dict[str, float]] = []
+    for _epoch in range(cfg.train.ppo_epochs):
+        for start in range(0, batch.batch_size, rows_per_mini):
+            mini = batch.select(range(start, min(start + rows_per_mini, batch.batch_size)))
+            out = train_step(c.model, c.optimizer, c.scheduler, mini, cfg.loss, c.arch.vocab_size,
+                             temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens)
+            train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items()},
+                                  "loss/value": out.loss, "grad_norm": out.grad_norm or 0.0, "lr": out.lr})
+    for key in train_metrics[0]:
+        metrics[key] = sum(m[key] for m in train_metrics) / len(train_metrics)
+    times["time/train"] = time.perf_counter() - t
+    t = time.perf_counter()
+
+    # 5. weight sync into the engine (checksum-verified every rollout.verify_sync_every steps).
+    c.engine.resume_memory(("weights",))
+    report = c.sync.sync()
+    c.engine.resume_memory(("kv_cache",))
+    metrics.update(report.metrics())
+    times["time/sync"] = time.perf_counter() - t
+
+    step_time = sum(times.values())
+    metrics.update(times)
+    metrics["time/step"] = step_time
+    metrics["throughput/tokens_per_s"] = float(lengths.sum() + sum(len(p) for p in prompt_ids) * n) / step_time
+    metrics["_entropy_hist"] = entropy_hist  # popped by the loop
+    return metrics
+
+
+def validate(c: Components, step: int) -> Dict[str, float]:
+    """pass@k on the validation prompts (n = rollout.n_samples, the training sampling settings)."""
+    from megatron_simko.eval.passk import pass_at_k_table
+    from megatron_simko.rollout import generate_global
+    from megatron_simko.rollout.sharding import RolloutLayout
+
+    n = c.cfg.rollout.n_samples
+    prompt_ids = encode_prompts(c, c.val_prompts)
+    results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step, validation=True),
+                              RolloutLayout.current(c.engine.tensor_parallel), step=0)
+    rewards, _ = score_globally(c, results, c.val_prompts)
+    correct = (rewards > 0.5).view(-1, n).sum(dim=1).tolist()
+    table = pass_at_k_table([(n, int(k)) for k in correct])
+    return {f"val/pass@{k}": v for k, v in table.items()}
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, arch: ModelArch) -> int:
+    from tqdm import tqdm
+
+    from megatron_simko.metrics import MetricsLogger
+    from megatron_simko.parallel import destroy_parallel
+    from megatron_simko.trainer.checkpointing import latest_step, load_checkpoint, save_checkpoint
+
+    t_start = time.perf_counter()
+    c = setup(cfg, arch)
+    start_step = 0
+    resume = cfg.checkpoint.resume
+    if resume != "none":
+        root = c.ckpt_dir if resume == "auto" else resume
+        if latest_step(root) is not None:
+            loaded = load_checkpoint(root, c.model, c.optimizer, c.scheduler)
+            c.loader.load_state_dict(loaded.config["loader"])
+            start_step = loaded.step
+            log(f"resumed from {root} at step {start_step}")
+        elif resume != "auto":
+            raise FileNotFoundError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
+    report = c.sync.sync(verify=True)  # the engine starts from the trainer's weights, verified
+    log(f"initial weight sync: {report.tensors} tensors, {report.bytes / 2**20:.1f} MiB, "
+        f"{report.seconds:.2f} s, checksums verified")
+    if _is_logging_rank():
+        save_config(cfg, os.path.join(cfg.train.log_dir, "config.yaml"))
+    c.logger = MetricsLogger(cfg.train.log_dir, enabled=_is_logging_rank(), resume_step=start_step)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(c.ckpt_dir, step, c.model, c.optimizer, c.scheduler,
+                        config={"run": config_to_dict(cfg), "loader": c.loader.state_dict()},
+                        keep_last=cfg.checkpoint.keep_last)
+
+    bar = tqdm(range(start_step + 1, cfg.train.steps + 1), desc="RL steps", disable=not _is_logging_rank(),
+               dynamic_ncols=True, file=sys.stdout)
+    for step in bar:
+        metrics = rl_step(c, step)
+        hist = metrics.pop("_entropy_hist")
+        if cfg.train.validate_every and c.val_prompts and step % cfg.train.validate_every == 0:
+            metrics.update(validate(c, step))
+        c.logger.log(step, metrics, histograms={"entropy/response_tokens": hist})
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", H=f"{metrics['entropy/mean']:.3f}",
+                        clip=f"{metrics.get('loss/clip_fraction', 0.0):.3f}",
+                        mismatch=f"{metrics['mismatch/mean_abs']:.1e}", s=f"{metrics['time/step']:.1f}")
+        if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or step == cfg.train.steps:
+            checkpoint(step)
+    bar.close()
+    log(c.logger.summary())
+    log(f"checkpoints: {c.ckpt_dir}; wall time {time.perf_counter() - t_start:.1f} s")
+    c.logger.close()
+    c.scorer.close()
+    c.engine.shutdown()
+    destroy_parallel()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:  # everything checkable before process groups: a clear one-line error, exit code 2
+        cfg = load_config(args.config, args.overrides).validate()
+        arch = arch_from_hf_config(cfg.model.hf_dir)
+        if args.dry_run:
+            nodes = args.nodes or int(os.environ.get("NNODES", "1"))
+            return dry_run(cfg, arch, nodes, args.gpus_per_node or 8, args.gpu_memory_gib)
+        check_parallel_config(cfg, arch, int(os.environ.get("WORLD_SIZE", "1")))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return train(cfg, arch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
