@@ -81,7 +81,12 @@ def arch_from_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> M
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
-    rope_scaling = cfg.get("rope_scaling") or None
+    # transformers >= 5 writes RoPE settings as `rope_parameters` {rope_theta, rope_type, ...} instead of
+    # top-level `rope_theta` / `rope_scaling`; read both spellings.
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_scaling = cfg.get("rope_scaling") or (
+        rope_params if rope_params.get("rope_type", "default") != "default" else None)
     scaling_factor = None
     if rope_scaling:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -107,7 +112,7 @@ def arch_from_hf_config(source: Union[str, os.PathLike, Mapping[str, Any]]) -> M
         vocab_size=int(cfg["vocab_size"]),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
         rope_scaling_factor=scaling_factor,
@@ -226,22 +231,25 @@ def build_gpt_model(
     """One pipeline stage (or chunk, with ``vp_stage``) of the GPTModel; logits stay vocab-parallel."""
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_simko.parallel.cpu_shims import cuda_to_cpu
+
     tp = config.tensor_model_parallel_size
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(arch, use_transformer_engine),
-        vocab_size=padded_vocab_size(arch.vocab_size, tp),
-        max_sequence_length=arch.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        rope_scaling=arch.rope_scaling_factor is not None,
-        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-        vp_stage=vp_stage,
-    )
+    with cuda_to_cpu():  # CPU: tied embeddings with PP > 1 call `.cuda()` in the constructor
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(arch, use_transformer_engine),
+            vocab_size=padded_vocab_size(arch.vocab_size, tp),
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            rope_scaling=arch.rope_scaling_factor is not None,
+            rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+            vp_stage=vp_stage,
+        )
     if not torch.cuda.is_available():
         model = model.to(torch.device("cpu"))
     return model
