@@ -1,0 +1,89 @@
+"""Is the policy in vLLM the policy being trained? Rollouts as trainer tensors, the per-step mismatch metric,
+and (optional) truncated importance sampling.
+
+Alignment follows ``trainer/batch.py``: row b = prompt + response, right-padded; index t holds token t and
+its log-prob *as predicted from position t − 1*; ``loss_mask`` is True on response tokens only.
+
+Temperature: the engine reports log softmax(z / T) of the distribution it sampled from (vLLM
+``logprobs_mode="processed_logprobs"``), so the trainer must recompute with the SAME temperature
+(``compute_token_stats(..., temperature=T)``) for the two to be comparable — and top-k / top-p must be off.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_simko.rollout.base import RolloutResult
+
+
+class RolloutTensors(NamedTuple):
+    tokens: torch.Tensor  # [B, S] int64, prompt + response, right-padded with pad_id
+    loss_mask: torch.Tensor  # [B, S] bool, True on response tokens
+    rollout_logprob: torch.Tensor  # [B, S] float32, the engine's log-prob at response positions, 0 elsewhere
+    lengths: torch.Tensor  # [B] int64, prompt + response length
+    prompt_index: torch.Tensor  # [B] int64, global prompt index of each row (GRPO groups)
+
+
+def pack_rollouts(results: Sequence[RolloutResult], pad_id: int = 0) -> RolloutTensors:
+    """One row per (prompt, sample), in order, as right-padded tensors aligned like ``RLBatch``."""
+    rows = [(r.prompt_index, r.prompt_token_ids, s) for r in results for s in r.samples]
+    if not rows:
+        raise ValueError("no rollouts to pack")
+    S = max(len(p) + len(s.token_ids) for _, p, s in rows)
+    B = len(rows)
+    tokens = torch.full((B, S), int(pad_id), dtype=torch.int64)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    logprob = torch.zeros(B, S, dtype=torch.float32)
+    lengths = torch.zeros(B, dtype=torch.int64)
+    index = torch.zeros(B, dtype=torch.int64)
+    for b, (pi, prompt, s) in enumerate(rows):
+        P, R = len(prompt), len(s.token_ids)
+        tokens[b, :P] = torch.tensor(prompt, dtype=torch.int64)
+        if R:
+            tokens[b, P:P + R] = torch.tensor(s.token_ids, dtype=torch.int64)
+            logprob[b, P:P + R] = torch.tensor(s.logprobs, dtype=torch.float32)
+            mask[b, P:P + R] = True
+        lengths[b] = P + R
+        index[b] = pi
+    return RolloutTensors(tokens, mask, logprob, lengths, index)
+
+
+def logprob_mismatch(trainer_logprob: torch.Tensor, rollout_logprob: torch.Tensor, mask: torch.Tensor,
+                     group=None) -> Dict[str, float]:
+    """Trainer vs engine log-probs of the sampled tokens, over ``mask`` — summed over ``group`` if one is given
+    (e.g. the data-parallel group when each rank holds its share of the batch), else this rank's tensors only.
+
+    mean_abs = mean |Δ|, max_abs = max |Δ|, token_mult_prob_error = exp(mean |Δ|) (1.0 = identical),
+    mean_signed = mean (trainer − rollout). All [B, S]; Δ in float64.
+    """
+    if trainer_logprob.shape != rollout_logprob.shape or trainer_logprob.shape != mask.shape:
+        raise ValueError(f"shapes differ: trainer {tuple(trainer_logprob.shape)}, rollout "
+                         f"{tuple(rollout_logprob.shape)}, mask {tuple(mask.shape)}")
+    delta = (trainer_logprob.double() - rollout_logprob.double()).masked_select(mask)
+    sums = torch.stack([delta.abs().sum(), delta.sum(), torch.tensor(float(delta.numel()), dtype=torch.float64)])
+    biggest = delta.abs().max() if delta.numel() else torch.tensor(0.0, dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(biggest, op=dist.ReduceOp.MAX, group=group)
+    n = max(float(sums[2]), 1.0)
+    mean_abs = float(sums[0]) / n
+    return {"mismatch/mean_abs": mean_abs, "mismatch/max_abs": float(biggest),
+            "mismatch/token_mult_prob_error": math.exp(mean_abs), "mismatch/mean_signed": float(sums[1]) / n,
+            "mismatch/tokens": float(sums[2])}
+
+
+def truncated_importance_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,
+                                 cap: Optional[float], mask: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Per-token min(exp(logp_old_trainer − logp_rollout), cap) [B, S], 0 off-mask; None when ``cap`` is None (off).
+
+    Multiplies the per-token policy loss to correct for the trainer/engine mismatch (off by default).
+    """
+    if cap is None:
+        return None
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    w = torch.exp(old_logprob.float() - rollout_logprob.float()).clamp(max=cap)
+    return w if mask is None else torch.where(mask, w, torch.zeros_like(w))
