@@ -157,6 +157,17 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
         else:
             load_hf_into_model(chunk, cfg.model.hf_dir, layout.tp_rank, layout.tp, arch)
     model = wrap_with_ddp(chunks, use_distributed_optimizer=par.use_distributed_optimizer)
+    # Rollout engine (one vLLM worker per rank, SPMD), built before the optimizer state exists: on a GPU
+    # vLLM sizes its memory share at construction.
+    engine = VLLMRolloutEngine(VLLMEngineConfig(
+        model_dir=cfg.model.hf_dir,
+        tensor_parallel=cfg.rollout.tensor_parallel,
+        dtype="float32" if dtype == torch.float32 else "bfloat16",
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_model_len=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
+        cpu_kv_cache_gib=cfg.rollout.kv_cache_gib,
+        seed=cfg.train.seed,
+    ))
     opt = cfg.optimizer
     updates_per_step = (cfg.data.prompts_per_step // cfg.train.mini_batch_size) * cfg.train.ppo_epochs
     optim_cfg = OptimConfig(lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
@@ -167,16 +178,6 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg)
 
-    # Rollout engine (one vLLM worker per rank, SPMD) and the weight sync into it.
-    engine = VLLMRolloutEngine(VLLMEngineConfig(
-        model_dir=cfg.model.hf_dir,
-        tensor_parallel=cfg.rollout.tensor_parallel,
-        dtype="float32" if dtype == torch.float32 else "bfloat16",
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
-        cpu_kv_cache_gib=cfg.rollout.kv_cache_gib,
-        seed=cfg.train.seed,
-    ))
     sync = MegatronToVLLMSync(model, arch, engine, WeightSyncConfig(bucket_mb=cfg.rollout.sync_bucket_mb,
                                                                     verify_every=cfg.rollout.verify_sync_every))
 
@@ -264,6 +265,10 @@ def token_metrics(c: Components, batch, stats) -> Dict[str, float]:
     return out
 
 
+# Loss metrics already logged from the pre-update statistics of the whole batch (entropy/mean, lambda/k, ...).
+_LOGGED_ELSEWHERE = ("loss", "entropy_mean", "rank1_fraction", "num_tokens")
+
+
 def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron.core import parallel_state as mpu
 
@@ -321,7 +326,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
             mini = batch.select(range(start, min(start + rows_per_mini, batch.batch_size)))
             out = train_step(c.model, c.optimizer, c.scheduler, mini, cfg.loss, c.arch.vocab_size,
                              temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens)
-            train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items()},
+            train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items() if k not in _LOGGED_ELSEWHERE
+                                     and not k.startswith("lambda_")},
                                   "loss/value": out.loss, "grad_norm": out.grad_norm or 0.0, "lr": out.lr})
     for key in train_metrics[0]:
         metrics[key] = sum(m[key] for m in train_metrics) / len(train_metrics)

@@ -1,0 +1,140 @@
+"""megatron-core optimizer (Adam, optional distributed optimizer, gradient clipping), LR schedule, train_step.
+
+Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main params, fp32 gradient buffers
+(DDP ``grad_reduce_in_fp32``) and fp32 Adam state (megatron-core's mixed-precision optimizer).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from megatron_simko.losses import SimKOConfig
+from megatron_simko.parallel.cpu_shims import cuda_to_cpu
+from megatron_simko.trainer.batch import RLBatch
+from megatron_simko.trainer.step import StepOutput, forward_backward, make_microbatches
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam + schedule. lr rises linearly from 0 over ``warmup_steps`` (if any), then stays (constant) or decays
+    to ``min_lr`` by ``decay_steps`` (linear / cosine). ``clip_grad``: max global L2 norm (0 = no clipping)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_decay_style: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 1
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 ≤ min_lr ≤ lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.decay_steps < 1 or self.clip_grad < 0:
+            raise ValueError("need warmup_steps ≥ 0, decay_steps ≥ 1, clip_grad ≥ 0")
+        if self.lr_decay_style != "constant" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig):
+    """megatron-core's optimizer over the DDP-wrapped chunks (``trainer.model.wrap_with_ddp``)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model_config = model_chunks[0].config
+    bf16 = model_config.params_dtype == torch.bfloat16
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=model_config.params_dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    with cuda_to_cpu():
+        optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    for chunk in model_chunks:  # megatron's schedules scale the last stage's loss by the loss scale (1 here)
+        chunk.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(optimizer, cfg: OptimConfig):
+    """megatron-core ``OptimizerParamScheduler`` (stepped once per optimizer step); weight decay constant."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    constant = cfg.lr_decay_style == "constant"
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if cfg.warmup_steps > 0 else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.lr if constant else cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+@dataclass
+class TrainStepOutput(StepOutput):
+    """StepOutput plus grad_norm (global, before clipping; None if skipped), lr used, update_successful."""
+
+    grad_norm: Optional[float] = None
+    lr: float = 0.0
+    update_successful: bool = True
+
+
+def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch: RLBatch, loss_cfg: SimKOConfig,
+               vocab_size: int, temperature: float = 1.0, num_microbatches: Optional[int] = None,
+               max_tokens: Optional[int] = None,
+               grad_hook: Optional[Callable[[List[torch.nn.Module]], None]] = None) -> TrainStepOutput:
+    """One optimizer step on this DP rank's share of the global batch (see step.py for the loss scaling).
+
+    Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing with the count
+    agreed over DP. Default: one micro-batch. ``grad_hook(model_chunks)``, if given, runs after the gradients
+    are final (reduced over DP, in each parameter's ``main_grad``) and before clipping and the update.
+    """
+    from megatron.core import parallel_state as mpu
+
+    if num_microbatches is None and max_tokens is None:
+        num_microbatches = 1
+    microbatches = make_microbatches(batch, num_microbatches, max_tokens, dp_group=mpu.get_data_parallel_group())
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature)
+    if grad_hook is not None:
+        grad_hook(model_chunks)
+    lr = current_lr(optimizer)
+    with cuda_to_cpu():
+        update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,
+                           num_microbatches=out.num_microbatches,
+                           grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
+                           update_successful=bool(update_successful))

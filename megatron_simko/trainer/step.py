@@ -1,0 +1,312 @@
+"""Forward/backward over micro-batches with megatron-core's schedules, and forward-only token statistics.
+
+Loss scaling (the one thing to get right). The objective is the token-mean of the per-token SimKO loss over
+the GLOBAL batch — all micro-batches on all data-parallel ranks — not a mean of per-micro-batch means:
+
+    L = Σ_{dp ranks} Σ_{micro-batches} Σ_{response tokens} loss_t  /  N,    N = global count of response tokens
+
+1. N is computed first: Σ loss_mask over this rank's micro-batches, all-reduced (SUM) over the DP group.
+2. Each micro-batch's loss function returns ``simko_loss(..., token_normalizer=N)`` = Σ_mb loss_t / N, as the
+   (loss, num_tokens, metrics) triple, with ``config.calculate_per_token_loss=True``: megatron-core's schedule
+   then does NOT divide the loss by num_microbatches (it would with a (loss, metrics) pair or with
+   calculate_per_token_loss=False), and DDP's gradient scaling factor is 1, so the DP reduction SUMS gradients
+   instead of averaging them.
+3. ``finalize_model_grads`` runs with ``num_tokens=None`` (our wrapper), so it does not divide by the
+   schedule's token count a second time.
+The gradient after the step is therefore ∇L exactly (verified against one device by the DP2 equivalence test).
+
+Alignment: ``logits[:, :-1]`` (positions 0..s−2) predict ``tokens[:, 1:]``; the per-token batch tensors are
+aligned with tokens (batch.py), so they are sliced ``[:, 1:]`` too.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
+from megatron_simko.parallel.cpu_shims import cpu_mode, cuda_to_cpu
+from megatron_simko.trainer.batch import RLBatch, token_budget_microbatches
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives live: the CPU with gloo, this rank's GPU with NCCL."""
+    return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+
+
+def causal_attention_mask(seq_len: int, device) -> torch.Tensor:
+    """[1, 1, s, s] bool, True = masked (megatron-core's convention): position i attends to j ≤ i only."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+def make_microbatches(batch: RLBatch, num_microbatches: Optional[int] = None, max_tokens: Optional[int] = None,
+                      dp_group=None, min_microbatches: int = 1) -> List[RLBatch]:
+    """Either ``num_microbatches`` equal splits or token-budget packing (``max_tokens``), not both."""
+    if (num_microbatches is None) == (max_tokens is None):
+        raise ValueError("give exactly one of num_microbatches or max_tokens")
+    if num_microbatches is not None:
+        return batch.split(num_microbatches)
+    return token_budget_microbatches(batch, max_tokens, dp_group=dp_group, min_microbatches=min_microbatches)
+
+
+def uniform_shapes(model_chunks, microbatches: List[RLBatch]) -> List[RLBatch]:
+    """Pad micro-batches to one [b, s] when a pipeline runs without variable_seq_lengths (the interleaved
+    schedule); otherwise return them unchanged."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    if mpu.get_pipeline_model_parallel_world_size() == 1 or config.variable_seq_lengths:
+        return microbatches
+    b = max(mb.batch_size for mb in microbatches)
+    s = max(mb.seq_len for mb in microbatches)
+    return [mb.pad_to(b, s) for mb in microbatches]
+
+
+def _model_arg(model_chunks):
+    return model_chunks if len(model_chunks) > 1 else model_chunks[0]
+
+
+def _data_iterator(model_chunks, microbatches):
+    if len(model_chunks) > 1:  # interleaved schedule: one iterator per chunk, same micro-batch order
+        return [iter(microbatches) for _ in model_chunks]
+    return iter(microbatches)
+
+
+def _forward_step(data_iterator, model, *, loss_func_factory):
+    """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last."""
+    mb: RLBatch = next(data_iterator)
+    device = comm_device()
+    tokens = mb.tokens.to(device)  # [b, s]
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # right padding: start at 0
+    output = model(input_ids=tokens, position_ids=position_ids,
+                   attention_mask=causal_attention_mask(s, device))  # last stage: [b, s, V/TP] logits
+    return output, functools.partial(loss_func_factory, mb)
+
+
+def _shifted(mb: RLBatch, device):
+    """Targets and per-token tensors for logits[:, :-1]: index t of the batch ↔ position t − 1."""
+    advantages = mb.advantages.to(device)
+    if advantages.dim() == 2:
+        advantages = advantages[:, 1:]
+    return (mb.tokens.to(device)[:, 1:], mb.old_logprob.to(device)[:, 1:], advantages,
+            mb.loss_mask.to(device)[:, 1:])
+
+
+def _finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
+    """finalize_model_grads (DP reduction, tied-embedding and SP norm all-reduces) without the division by
+    the schedule's token count: our losses are already normalised by the global count (module docstring)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, None, **kwargs)
+
+
+@dataclass
+class StepOutput:
+    """Same on every rank: loss = global token-mean SimKO loss; metrics = global token-weighted means
+    (``merge_metrics`` keys plus "loss"); num_tokens = N (global response tokens); num_microbatches here."""
+
+    loss: float
+    metrics: Dict[str, float]
+    num_tokens: int
+    num_microbatches: int
+
+
+def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLBatch], loss_cfg: SimKOConfig,
+                     vocab_size: int, temperature: float = 1.0) -> StepOutput:
+    """Forward + backward of the SimKO loss over ``microbatches`` (this DP rank's share of the global batch).
+
+    Gradients accumulate into the DDP ``main_grad`` buffers and are reduced over DP at the end (finalize).
+    Zero them before calling (``train_step`` does). All ranks of a model replica pass the same micro-batches.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    if not config.calculate_per_token_loss:
+        raise ValueError("the training step needs TransformerConfig(calculate_per_token_loss=True) "
+                         "(use trainer.model.trainer_transformer_config)")
+    device = comm_device()
+    dp_group = mpu.get_data_parallel_group()
+    tp_group = mpu.get_tensor_model_parallel_group()
+
+    # 1. the global token count N.
+    n_local = sum(mb.num_loss_tokens for mb in microbatches)
+    n = torch.tensor([n_local], dtype=torch.int64, device=device)
+    dist.all_reduce(n, group=dp_group)
+    num_tokens = int(n.item())
+    normalizer = float(max(num_tokens, 1))
+
+    def loss_func(mb: RLBatch, logits: torch.Tensor):
+        targets, old_logprob, advantages, mask = _shifted(mb, logits.device)
+        loss, metrics = simko_loss(logits[:, :-1], targets, old_logprob, advantages, mask, loss_cfg,
+                                   tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
+                                   token_normalizer=normalizer)
+        count = torch.tensor(int(metrics["num_tokens"]), dtype=torch.int, device=logits.device)
+        return loss, count, metrics
+
+    config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+    microbatches = uniform_shapes(model_chunks, microbatches)
+    fb = get_forward_backward_func()
+    with cuda_to_cpu():
+        per_mb = fb(
+            forward_step_func=functools.partial(_forward_step, loss_func_factory=loss_func),
+            data_iterator=_data_iterator(model_chunks, microbatches),
+            model=_model_arg(model_chunks),
+            num_microbatches=len(microbatches),
+            seq_length=max(mb.seq_len for mb in microbatches),
+            micro_batch_size=max(mb.batch_size for mb in microbatches),
+            forward_only=False,
+        )
+    loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
+    metrics = merge_metrics(per_mb) if per_mb else {}
+    metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group, device)
+    metrics = _broadcast_from_last_stage(metrics)
+    return StepOutput(loss=metrics["loss"], metrics=metrics, num_tokens=num_tokens,
+                      num_microbatches=len(microbatches))
+
+
+def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group, device) -> Dict[str, float]:
+    """Global metrics on last-stage ranks: token-weighted means over DP, the loss summed (already /N)."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    keys = sorted(k for k in metrics if k != "num_tokens")
+    n = metrics.get("num_tokens", 0.0)
+    packed = torch.tensor([metrics[k] * n for k in keys] + [n, loss_sum], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, group=dp_group)
+    values = packed.tolist()
+    total = values[-2]
+    out = {k: (v / total if total > 0 else 0.0) for k, v in zip(keys, values)}
+    out["num_tokens"] = total
+    out["loss"] = values[-1]
+    return out
+
+
+def _broadcast_from_last_stage(obj):
+    """The last pipeline stage's Python object on every stage of this pipeline."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=mpu.get_pipeline_model_parallel_last_rank(),
+                               group=mpu.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward-only statistics
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PerTokenStats:
+    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1).
+
+    target_logprob [B, S] f32, entropy [B, S] f32, topk_logprob [B, S, K] f32, topk_ids [B, S, K] int64
+    (global vocabulary ids), is_rank1 [B, S] bool. Index 0 and padding positions (t ≥ lengths[b]) hold 0
+    (ids: −1, is_rank1: False). Prompt positions 1..prompt_len−1 are filled too (any caller may mask them).
+    """
+
+    target_logprob: torch.Tensor
+    entropy: torch.Tensor
+    topk_logprob: torch.Tensor
+    topk_ids: torch.Tensor
+    is_rank1: torch.Tensor
+
+    def fields(self):
+        return [self.target_logprob, self.entropy, self.topk_logprob, self.topk_ids, self.is_rank1]
+
+
+def _empty_stats(B: int, S: int, K: int, device) -> PerTokenStats:
+    return PerTokenStats(
+        target_logprob=torch.zeros(B, S, dtype=torch.float32, device=device),
+        entropy=torch.zeros(B, S, dtype=torch.float32, device=device),
+        topk_logprob=torch.zeros(B, S, K, dtype=torch.float32, device=device),
+        topk_ids=torch.full((B, S, K), -1, dtype=torch.int64, device=device),
+        is_rank1=torch.zeros(B, S, dtype=torch.bool, device=device),
+    )
+
+
+@torch.no_grad()
+def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top_k: int, vocab_size: int,
+                        temperature: float = 1.0, num_microbatches: Optional[int] = None,
+                        max_tokens: Optional[int] = None,
+                        broadcast_to_all_stages: bool = False) -> Optional[PerTokenStats]:
+    """Forward-only pass through the same schedule: per-token target log-prob, entropy and top-K.
+
+    Use it for the old-policy log-probs (``old_logprob = stats.target_logprob``) and for metrics (Λ^(k)).
+    Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing (default: one
+    micro-batch). The last pipeline stage computes the statistics; other stages return None unless
+    ``broadcast_to_all_stages`` (then every rank of this pipeline receives them: O(B·S·K) numbers per call).
+    Every TP rank of the last stage returns identical statistics (the loss library merges the vocabulary
+    shards). No DP communication: each DP rank computes its own batch.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if num_microbatches is None and max_tokens is None:
+        num_microbatches = 1
+    microbatches = uniform_shapes(model_chunks, make_microbatches(batch, num_microbatches, max_tokens))
+    device = comm_device()
+    tp_group = mpu.get_tensor_model_parallel_group()
+
+    def stats_func(mb: RLBatch, logits: torch.Tensor, non_loss_data: bool = True):
+        b, s = mb.tokens.shape
+        targets = mb.tokens.to(logits.device)[:, 1:]
+        valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
+        st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
+                              vocab_size=vocab_size, mask=valid)
+        return mb, valid, st
+
+    for chunk in model_chunks:
+        chunk.eval()
+    fb = get_forward_backward_func()
+    try:
+        with cuda_to_cpu():
+            outputs = fb(
+                forward_step_func=functools.partial(_forward_step, loss_func_factory=stats_func),
+                data_iterator=_data_iterator(model_chunks, microbatches),
+                model=_model_arg(model_chunks),
+                num_microbatches=len(microbatches),
+                seq_length=max(mb.seq_len for mb in microbatches),
+                micro_batch_size=max(mb.batch_size for mb in microbatches),
+                forward_only=True,
+                collect_non_loss_data=True,
+            )
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+
+    B, S = batch.tokens.shape
+    is_last = mpu.is_pipeline_last_stage(ignore_virtual=True)
+    if not is_last and not broadcast_to_all_stages:
+        return None
+    out = _empty_stats(B, S, top_k, device)
+    if is_last:
+        for mb, valid, st in outputs:
+            real = (mb.indices >= 0).to(device)  # dummy rows from uniform_shapes carry index −1
+            rows = mb.indices.to(device)[real]
+            cols = slice(1, mb.seq_len)
+            v, st = valid[real], type(st)(*(t[real] for t in st))
+            out.target_logprob[rows, cols] = torch.where(v, st.target_logprob, 0.0)
+            out.entropy[rows, cols] = torch.where(v, st.entropy, 0.0)
+            out.topk_logprob[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_logprob, 0.0)
+            out.topk_ids[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_ids, -1)
+            out.is_rank1[rows, cols] = st.is_rank1 & v
+    if broadcast_to_all_stages and mpu.get_pipeline_model_parallel_world_size() > 1:
+        src = mpu.get_pipeline_model_parallel_last_rank()
+        group = mpu.get_pipeline_model_parallel_group()
+        for t in out.fields():
+            buf = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo has no bool collectives
+            dist.broadcast(buf, src=src, group=group)
+            if buf is not t:
+                t.copy_(buf.bool())
+    return out
