@@ -9,10 +9,11 @@
 #   python tools/convert_checkpoint.py hf-to-megatron --hf-dir $HF_DIR --out-dir $MEG_DIR --tp 2 --pp 1
 #   python tools/convert_checkpoint.py verify --hf-dir $HF_DIR --tp 2        # optional, exactness check
 # (or leave MEG_DIR unset: every rank then reads its own slices straight from the HF safetensors).
-# After: turn the final checkpoint back into a Hugging Face model for evaluation / serving —
-#   python tools/convert_checkpoint.py megatron-to-hf --megatron-dir runs/simko_qwen7b/hf_export \
-#       --out-dir runs/simko_qwen7b/hf --hf-config-from $HF_DIR
-#   python tools/eval_passk.py --model-dir runs/simko_qwen7b/hf --dataset data/math500.jsonl --n 256
+# After: the run ends by writing runs/simko_qwen7b/hf_final (Hugging Face format); any intermediate training
+# checkpoint (dist_checkpointing, any TP/PP) converts with
+#   python -m megatron_simko.export --checkpoint runs/simko_qwen7b/checkpoints --step 100 --hf-dir $HF_DIR --out-dir OUT
+# and pass@k evaluation samples it with vLLM:
+#   python tools/eval_passk.py --model runs/simko_qwen7b/hf_final --data data/math500.jsonl --n 256 --max-tokens 3072
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="${CONFIG:-$ROOT/examples/configs/simko_qwen7b.yaml}"

@@ -371,6 +371,7 @@ def validate(c: Components, step: int) -> Dict[str, float]:
 def train(cfg: Config, arch: ModelArch) -> int:
     from tqdm import tqdm
 
+    from megatron_simko.export import export_live_model
     from megatron_simko.metrics import MetricsLogger
     from megatron_simko.parallel import destroy_parallel
     from megatron_simko.trainer.checkpointing import latest_step, load_checkpoint, save_checkpoint
@@ -414,8 +415,10 @@ def train(cfg: Config, arch: ModelArch) -> int:
         if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or step == cfg.train.steps:
             checkpoint(step)
     bar.close()
+    hf_out = os.path.join(cfg.train.log_dir, "hf_final")
+    export_live_model(c.sync, hf_out, cfg.model.hf_dir)  # for pass@k evaluation and serving
     log(c.logger.summary())
-    log(f"checkpoints: {c.ckpt_dir}; wall time {time.perf_counter() - t_start:.1f} s")
+    log(f"checkpoints: {c.ckpt_dir}; Hugging Face export: {hf_out}; wall time {time.perf_counter() - t_start:.1f} s")
     c.logger.close()
     c.scorer.close()
     c.engine.shutdown()

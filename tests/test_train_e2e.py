@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -64,6 +65,29 @@ def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", "latest"]
     assert (run_a / "config.yaml").exists() and (run_a / "tensorboard").is_dir()
     assert "reward/mean" in stdout  # the closing summary
+
+    # The end-of-run Hugging Face export (live TP shards gathered like the vLLM sync) equals an export of the
+    # final dist checkpoint loaded at TP=1, tensor for tensor, and loads in transformers.
+    offline = tmp_path / "hf_from_ckpt"
+    proc = subprocess.run([PY, "-m", "megatron_simko.export", "--checkpoint", str(ckpt), "--hf-dir", tiny_model,
+                           "--out-dir", str(offline)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def tensors(d):
+        out = {}
+        for fn in os.listdir(d):
+            if fn.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, fn)))
+        return out
+
+    live, off, orig = tensors(run_a / "hf_final"), tensors(offline), tensors(tiny_model)
+    assert set(live) == set(off) == set(orig)
+    assert all(torch.equal(live[k], off[k]) for k in live)
+    assert any(not torch.equal(live[k], orig[k]) for k in live)  # training changed the weights
+    AutoModelForCausalLM.from_pretrained(str(run_a / "hf_final"))
 
     # Resume from step 1 in a fresh directory: step 2 must be identical to the uninterrupted run's.
     run_b = tmp_path / "b"
