@@ -67,13 +67,13 @@ class ParallelConfig:
 class OptimizerConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear (decaying to min_lr over the whole run)
+    warmup_steps: int = 0  # optimizer updates (an RL step makes prompts_per_step / mini_batch_size × ppo_epochs)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
 
     def __post_init__(self):
         _require(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")

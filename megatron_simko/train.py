@@ -133,7 +133,7 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     from megatron_simko.rewards import RewardScorer
     from megatron_simko.rollout import MegatronToVLLMSync, VLLMEngineConfig, VLLMRolloutEngine, WeightSyncConfig
     from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp
-    from megatron_simko.trainer.optimizer import OptimConfig, build_optimizer, build_scheduler
+    from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler
 
     par = cfg.parallel
     layout = initialize_parallel(par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline_parallel,
@@ -168,15 +168,9 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
         cpu_kv_cache_gib=cfg.rollout.kv_cache_gib,
         seed=cfg.train.seed,
     ))
-    opt = cfg.optimizer
     updates_per_step = (cfg.data.prompts_per_step // cfg.train.mini_batch_size) * cfg.train.ppo_epochs
-    optim_cfg = OptimConfig(lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay, adam_beta1=opt.adam_beta1,
-                            adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, clip_grad=opt.grad_clip,
-                            lr_decay_style=opt.lr_schedule, warmup_steps=opt.warmup_steps * updates_per_step,
-                            decay_steps=max(cfg.train.steps * updates_per_step, opt.warmup_steps * updates_per_step + 1),
-                            use_distributed_optimizer=par.use_distributed_optimizer)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg)
+    optimizer = build_optimizer(model, cfg.optimizer, use_distributed_optimizer=par.use_distributed_optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, decay_steps=cfg.train.steps * updates_per_step)
 
     sync = MegatronToVLLMSync(model, arch, engine, WeightSyncConfig(bucket_mb=cfg.rollout.sync_bucket_mb,
                                                                     verify_every=cfg.rollout.verify_sync_every))

@@ -34,15 +34,16 @@ from megatron_simko.trainer.checkpointing import (  # noqa: E402
     saved_steps,
 )
 from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp  # noqa: E402
-from megatron_simko.trainer.optimizer import OptimConfig, build_optimizer, build_scheduler, train_step  # noqa: E402
+from megatron_simko.config import OptimizerConfig  # noqa: E402
+from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step  # noqa: E402
 from megatron_simko.trainer.step import compute_token_stats  # noqa: E402
 
 ARCH = arch_from_hf_config(dict(
     architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=128, num_hidden_layers=2, vocab_size=600, max_position_embeddings=128,
     tie_word_embeddings=False))
-OPTIM = OptimConfig(lr=1e-3, weight_decay=0.01, clip_grad=1.0, lr_decay_style="cosine", warmup_steps=1,
-                    decay_steps=10)
+OPTIM = OptimizerConfig(lr=1e-3, weight_decay=0.01, grad_clip=1.0, lr_schedule="cosine", warmup_steps=1)
+DECAY_STEPS = 10
 LOSS = SimKOConfig()
 
 
@@ -62,7 +63,7 @@ def build(tp: int, pp: int, seed: int):
     initialize_parallel(tp, pp, seed=seed)
     chunks = wrap_with_ddp(build_model_chunks(ARCH, trainer_transformer_config(ARCH, tp, pp)))
     optimizer = build_optimizer(chunks, OPTIM)
-    return chunks, optimizer, build_scheduler(optimizer, OPTIM)
+    return chunks, optimizer, build_scheduler(optimizer, OPTIM, decay_steps=DECAY_STEPS)
 
 
 def params(chunks):

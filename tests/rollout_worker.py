@@ -122,7 +122,8 @@ class Checks:
         from megatron_simko.losses import SimKOConfig
         from megatron_simko.rollout import pack_rollouts
         from megatron_simko.trainer.batch import RLBatch
-        from megatron_simko.trainer.optimizer import OptimConfig, build_optimizer, build_scheduler, train_step
+        from megatron_simko.config import OptimizerConfig
+        from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step
 
         T = 0.7
         results, _ = self.rollouts(T, step=2)
@@ -142,7 +143,7 @@ class Checks:
         adv = (reward - reward.mean()) / (reward.std() + 1e-6)
         batch = RLBatch(tokens=pk.tokens, loss_mask=pk.loss_mask, old_logprob=old, advantages=adv,
                         lengths=pk.lengths)
-        opt_cfg = OptimConfig(lr=1e-4, clip_grad=0.0)
+        opt_cfg = OptimizerConfig(lr=1e-4, grad_clip=0.0)
         optimizer = build_optimizer(self.chunks, opt_cfg)
         scheduler = build_scheduler(optimizer, opt_cfg)
         out = train_step(self.chunks, optimizer, scheduler, batch, SimKOConfig(mode="grpo"), self.arch.vocab_size,

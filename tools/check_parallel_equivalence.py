@@ -117,9 +117,9 @@ def make_batch(arch: ModelArch, global_batch: int, seed: int):
                    advantages=advantages, lengths=lengths)
 
 
-def setup(arch: ModelArch, tp: int, pp: int, vpp, dtype: torch.dtype, distributed_optimizer: bool):
+def setup(arch: ModelArch, tp: int, pp: int, vpp, dtype: torch.dtype):
     from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config
-    from megatron_simko.trainer.optimizer import OptimConfig
+    from megatron_simko.config import OptimizerConfig
 
     config = trainer_transformer_config(arch, tp, pp, vpp, params_dtype=dtype)
     chunks = build_model_chunks(arch, config)
@@ -127,17 +127,16 @@ def setup(arch: ModelArch, tp: int, pp: int, vpp, dtype: torch.dtype, distribute
     # gradient is lr·eps/(|g| + eps)² ≤ lr/eps. With eps = 1e-8, a near-zero gradient element rounded differently
     # by 1e-8 (a legitimate reordering) would move its parameter by up to lr — Adam's conditioning, not the
     # layout's. With eps = 1e-3 the step amplifies gradient differences by at most lr/eps = 1.
-    optim = OptimConfig(lr=1e-3, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-3,
-                        use_distributed_optimizer=distributed_optimizer)
+    optim = OptimizerConfig(lr=1e-3, weight_decay=0.01, grad_clip=1.0, adam_eps=1e-3)
     return chunks, optim, config
 
 
-def finish_setup(chunks, optim):
+def finish_setup(chunks, optim, distributed_optimizer: bool):
     from megatron_simko.trainer.model import wrap_with_ddp
     from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler
 
-    chunks = wrap_with_ddp(chunks, use_distributed_optimizer=optim.use_distributed_optimizer)
-    optimizer = build_optimizer(chunks, optim)
+    chunks = wrap_with_ddp(chunks, use_distributed_optimizer=distributed_optimizer)
+    optimizer = build_optimizer(chunks, optim, use_distributed_optimizer=distributed_optimizer)
     return chunks, optimizer, build_scheduler(optimizer, optim)
 
 
@@ -181,11 +180,11 @@ def reference(args, arch: ModelArch, path: str) -> None:
                             rank=0, world_size=1)
     initialize_parallel(1, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    chunks, optim, _ = setup(arch, 1, 1, None, dtype, args.distributed_optimizer)
+    chunks, optim, _ = setup(arch, 1, 1, None, dtype)
     (model,) = chunks
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                if not k.endswith("_extra_state")}
-    chunks, optimizer, scheduler = finish_setup(chunks, optim)
+    chunks, optimizer, scheduler = finish_setup(chunks, optim, args.distributed_optimizer)
 
     global_batch = MICRO_BATCH_SIZE * MICROBATCHES_PER_DP_RANK * args.dp
     batch = make_batch(arch, global_batch, args.seed)
@@ -299,7 +298,7 @@ def worker(args) -> int:
     ref = torch.load(args.reference, weights_only=False)
     arch = ModelArch(**ref["arch"])
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    chunks, optim, config = setup(arch, args.tp, args.pp, args.vpp, dtype, args.distributed_optimizer)
+    chunks, optim, config = setup(arch, args.tp, args.pp, args.vpp, dtype)
     tied, glu = arch.tie_word_embeddings, config.gated_linear_unit
 
     # 1. Reference weights into this rank's shard.
@@ -309,7 +308,7 @@ def worker(args) -> int:
                 want = shard_of(ref["weights"][global_name(chunk, name, tied)], p, name, args.tp, layout.tp_rank, glu)
                 known = ~torch.isnan(want)
                 p.copy_(torch.where(known.to(p.device), want.to(p.device, p.dtype), p))
-    chunks, optimizer, scheduler = finish_setup(chunks, optim)
+    chunks, optimizer, scheduler = finish_setup(chunks, optim, args.distributed_optimizer)
 
     # 2. This DP rank's share of the global batch, the same step.
     full = RLBatch(**ref["batch"])
@@ -345,7 +344,7 @@ def worker(args) -> int:
         cmp.add("top-K ids, rank-1 flags (mismatches)", None, float(mismatch), int(valid.sum()))
     cmp.scalar("SimKO loss", "loss", out.loss, ref["loss"])
     cmp.scalar("grad norm (megatron clip_grads, fp32)", "grad_norm_fp32", out.grad_norm, ref["grad_norm"])
-    skip_grads = optim.use_distributed_optimizer and layout.dp > 1  # main_grad holds only this rank's shard
+    skip_grads = args.distributed_optimizer and layout.dp > 1  # main_grad holds only this rank's shard
     if not skip_grads:
         cmp.scalar("grad norm (float64 recomputation)", "grad_norm",
                    grad_norm_fp64(chunks, grads, layout, tied, dist, mpu),

@@ -5,57 +5,26 @@ Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main p
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 
+from megatron_simko.config import OptimizerConfig
 from megatron_simko.losses import SimKOConfig
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu
 from megatron_simko.trainer.batch import RLBatch
 from megatron_simko.trainer.step import StepOutput, forward_backward, make_microbatches
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Adam + schedule. lr rises linearly from 0 over ``warmup_steps`` (if any), then stays (constant) or decays
-    to ``min_lr`` by ``decay_steps`` (linear / cosine). ``clip_grad``: max global L2 norm (0 = no clipping)."""
-
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_decay_style: str = "constant"
-    warmup_steps: int = 0
-    decay_steps: int = 1
-    use_distributed_optimizer: bool = False
-
-    def __post_init__(self):
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 ≤ min_lr ≤ lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.decay_steps < 1 or self.clip_grad < 0:
-            raise ValueError("need warmup_steps ≥ 0, decay_steps ≥ 1, clip_grad ≥ 0")
-        if self.lr_decay_style != "constant" and self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"decay_steps ({self.decay_steps}) must exceed warmup_steps ({self.warmup_steps})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig):
-    """megatron-core's optimizer over the DDP-wrapped chunks (``trainer.model.wrap_with_ddp``)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, use_distributed_optimizer: bool = False):
+    """megatron-core's optimizer over the DDP-wrapped chunks (``trainer.model.wrap_with_ddp``), configured by
+    the ``optimizer`` section of the config tree (``grad_clip`` 0 disables clipping)."""
+    from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
 
     model_config = model_chunks[0].config
     bf16 = model_config.params_dtype == torch.bfloat16
-    opt_config = OptimizerConfig(
+    opt_config = McoreOptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
         min_lr=cfg.min_lr,
@@ -63,10 +32,10 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig):
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad,
+        clip_grad=cfg.grad_clip,
         bf16=bf16,
         params_dtype=model_config.params_dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     with cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, model_chunks)
@@ -75,19 +44,23 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimConfig):
     return optimizer
 
 
-def build_scheduler(optimizer, cfg: OptimConfig):
-    """megatron-core ``OptimizerParamScheduler`` (stepped once per optimizer step); weight decay constant."""
+def build_scheduler(optimizer, cfg: OptimizerConfig, decay_steps: int = 1):
+    """megatron-core ``OptimizerParamScheduler``, stepped once per optimizer update: lr rises linearly from 0
+    over ``cfg.warmup_steps`` updates (if any), then stays (constant) or decays to ``min_lr`` by update
+    ``decay_steps`` (linear / cosine). Weight decay constant."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    constant = cfg.lr_decay_style == "constant"
+    constant = cfg.lr_schedule == "constant"
+    if not constant and decay_steps <= cfg.warmup_steps:
+        raise ValueError(f"decay_steps ({decay_steps}) must exceed optimizer.warmup_steps ({cfg.warmup_steps})")
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if cfg.warmup_steps > 0 else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.lr if constant else cfg.min_lr,
         lr_warmup_steps=cfg.warmup_steps,
-        lr_decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
-        lr_decay_style=cfg.lr_decay_style,
+        lr_decay_steps=max(decay_steps, cfg.warmup_steps + 1),
+        lr_decay_style=cfg.lr_schedule,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,
