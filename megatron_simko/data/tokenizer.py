@@ -167,7 +167,12 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
 
 def export_hf_tokenizer(sp_model_file: str, out_dir: str, chat_template: str = CHATML_TEMPLATE) -> str:
     """Writes a Hugging Face tokenizer folder equivalent to a SentencePiece unigram model trained by
-    `train_sentencepiece` (same ids; eos <|im_end|>, pad <|endoftext|>); returns out_dir."""
+    `train_sentencepiece` (same ids; eos <|im_end|>, pad <|endoftext|>); returns out_dir.
+
+    Known limitation (transformers 5.x): placed in a model folder whose config.json says model_type "qwen2",
+    `AutoTokenizer` (and so vLLM) loads it as `Qwen2Tokenizer`, which rebuilds a byte-level pre-tokenizer around
+    this Unigram vocabulary and drops spaces and newlines. Use it standalone or beside a Llama-style model; for a
+    Qwen2 model folder train a byte-level BPE instead (tools/make_tiny_model.py does, and checks the reload)."""
     import sentencepiece as spm
     from tokenizers import Tokenizer as HFCoreTokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
