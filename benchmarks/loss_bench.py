@@ -110,8 +110,8 @@ def main():
     shape = f"N={args.tokens} V={args.vocab}"
     print(f"device={args.device} threads={os.environ.get('OMP_NUM_THREADS', 'default')} "
           f"chunk_tokens={args.chunk_tokens} (peak = extra memory of one fwd+bwd, gradient included)")
-    print(f"| impl  | shape | dtype | fwd+bwd ms | peak MiB | loss |")
-    print(f"|---|---|---|---|---|---|")
+    print("| impl  | shape | dtype | fwd+bwd ms | peak MiB | loss |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {shape} | {args.dtype} | {r['ms']:.1f} | {r['peak_mib']:.0f} | {r['loss']:.6f} |")
 

@@ -8,8 +8,7 @@ rows. ``old_logprob`` is left at zero here: the trainer recomputes it with the c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -19,21 +18,11 @@ from megatron_simko.rollout.consistency import pack_rollouts
 from megatron_simko.trainer.batch import RLBatch
 
 
-@dataclass
-class Experience:
-    batch: RLBatch
-    rewards: torch.Tensor  # [B] float, per response
-    response_lengths: torch.Tensor  # [B] int64
-    truncated: torch.Tensor  # [B] bool: stopped by max_tokens rather than EOS
-    responses: List[str]  # decoded text, for logging samples
-
-
-def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float], responses: Sequence[str],
-                     pad_id: int) -> Experience:
-    """Pack this rank's rollouts (all n samples of each prompt) with their rewards into an RLBatch."""
-    samples = [s for r in results for s in r.samples]
-    if len(samples) != len(rewards) or len(samples) != len(responses):
-        raise ValueError(f"{len(samples)} samples but {len(rewards)} rewards / {len(responses)} responses")
+def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float], pad_id: int) -> RLBatch:
+    """Pack this rank's rollouts (all n samples of each prompt, rewards in the same order) into an RLBatch."""
+    num_samples = sum(len(r.samples) for r in results)
+    if num_samples != len(rewards):
+        raise ValueError(f"{num_samples} samples but {len(rewards)} rewards")
     n = {len(r.samples) for r in results}
     if len(n) != 1:
         raise ValueError(f"every prompt needs the same number of samples, got {sorted(n)}")
@@ -41,16 +30,9 @@ def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float],
     if packed.tokens.shape[1] < 2:
         raise ValueError("prompt + response must hold at least 2 tokens")
     rewards_t = torch.as_tensor(list(rewards), dtype=torch.float32)
-    batch = RLBatch(tokens=packed.tokens, loss_mask=packed.loss_mask,
-                    old_logprob=torch.zeros(packed.tokens.shape), advantages=grpo_advantages(rewards_t, n.pop()),
-                    rollout_logprob=packed.rollout_logprob, lengths=packed.lengths)
-    return Experience(
-        batch=batch,
-        rewards=rewards_t,
-        response_lengths=torch.as_tensor([s.length for s in samples], dtype=torch.int64),
-        truncated=torch.as_tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool),
-        responses=list(responses),
-    )
+    return RLBatch(tokens=packed.tokens, loss_mask=packed.loss_mask, old_logprob=torch.zeros(packed.tokens.shape),
+                   advantages=grpo_advantages(rewards_t, n.pop()), rollout_logprob=packed.rollout_logprob,
+                   lengths=packed.lengths)
 
 
 def rollout_metrics(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor,

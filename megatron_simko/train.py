@@ -13,8 +13,6 @@ per-GPU memory estimate without starting any process group (no GPU needed).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import sys
 import time
@@ -128,7 +126,6 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     from megatron_simko.checkpoint.native import load_hf_into_model, load_into_model
     from megatron_simko.data import PromptLoader, load_prompts
     from megatron_simko.data.tokenizer import load_tokenizer
-    from megatron_simko.metrics import MetricsLogger
     from megatron_simko.parallel import initialize_parallel
     from megatron_simko.rewards import RewardScorer
     from megatron_simko.rollout import MegatronToVLLMSync, VLLMEngineConfig, VLLMRolloutEngine, WeightSyncConfig
@@ -218,7 +215,7 @@ def sampling_config(c: Components, step: int, validation: bool = False):
                           stop_token_ids=(c.tokenizer.eos_id,))
 
 
-def score_globally(c: Components, results, examples) -> tuple:
+def score_globally(c: Components, results, examples) -> torch.Tensor:
     """Decode and score every response of the global batch: each rank scores a contiguous slice, then all
     ranks gather all rewards (so rollout metrics are global without further communication)."""
     import torch.distributed as dist
@@ -226,17 +223,17 @@ def score_globally(c: Components, results, examples) -> tuple:
     from megatron_simko.rollout import shard_bounds
 
     flat = [(p, s) for p, r in enumerate(results) for s in r.samples]
-    texts = [c.tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     lo, hi = shard_bounds(len(flat), rank, world)
-    mine = c.scorer.score(texts[lo:hi], [examples[p] for p, _ in flat[lo:hi]])
+    texts = [c.tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat[lo:hi]]
+    mine = c.scorer.score(texts, [examples[p] for p, _ in flat[lo:hi]])
     if world > 1:
         parts: List[Optional[List[float]]] = [None] * world
         dist.all_gather_object(parts, mine)
         rewards = [x for part in parts for x in part]
     else:
         rewards = mine
-    return torch.tensor(rewards, dtype=torch.float32), texts
+    return torch.tensor(rewards, dtype=torch.float32)
 
 
 def token_metrics(c: Components, batch, stats) -> Dict[str, float]:
@@ -287,13 +284,12 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     t = time.perf_counter()
 
     # 2. rewards (global) → GRPO advantages inside build_experience (per prompt group).
-    rewards, texts = score_globally(c, results, examples)
+    rewards = score_globally(c, results, examples)
     lengths = torch.tensor([s.length for r in results for s in r.samples])
     truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
     metrics = rollout_metrics(rewards, lengths, truncated, n)
     lo, hi = shard_bounds(len(results), L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups)
-    exp = build_experience(results[lo:hi], rewards[lo * n:hi * n].tolist(), texts[lo * n:hi * n], c.tokenizer.pad_id)
-    batch = exp.batch
+    batch = build_experience(results[lo:hi], rewards[lo * n:hi * n].tolist(), c.tokenizer.pad_id)
     times["time/reward"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -353,7 +349,7 @@ def validate(c: Components, step: int) -> Dict[str, float]:
     prompt_ids = encode_prompts(c, c.val_prompts)
     results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step, validation=True),
                               RolloutLayout.current(c.engine.tensor_parallel), step=0)
-    rewards, _ = score_globally(c, results, c.val_prompts)
+    rewards = score_globally(c, results, c.val_prompts)
     correct = (rewards > 0.5).view(-1, n).sum(dim=1).tolist()
     table = pass_at_k_table([(n, int(k)) for k in correct])
     return {f"val/pass@{k}": v for k, v in table.items()}

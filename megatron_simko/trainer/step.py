@@ -88,6 +88,27 @@ def _forward_step(data_iterator, model, *, loss_func_factory):
     return output, functools.partial(loss_func_factory, mb)
 
 
+def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only: bool):
+    """megatron-core's schedule (no PP / 1F1B / interleaved, by the parallel state) over ``microbatches``.
+
+    ``func(mb, logits)`` runs on the last stage: a loss function (forward_only=False) or a statistics function
+    whose results the schedule collects (forward_only=True, ``collect_non_loss_data``)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    kwargs = dict(collect_non_loss_data=True) if forward_only else {}
+    with cuda_to_cpu():
+        return get_forward_backward_func()(
+            forward_step_func=functools.partial(_forward_step, loss_func_factory=func),
+            data_iterator=_data_iterator(model_chunks, microbatches),
+            model=_model_arg(model_chunks),
+            num_microbatches=len(microbatches),
+            seq_length=max(mb.seq_len for mb in microbatches),
+            micro_batch_size=max(mb.batch_size for mb in microbatches),
+            forward_only=forward_only,
+            **kwargs,
+        )
+
+
 def _shifted(mb: RLBatch, device):
     """Targets and per-token tensors for logits[:, :-1]: index t of the batch ↔ position t − 1."""
     advantages = mb.advantages.to(device)
@@ -124,7 +145,6 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     Zero them before calling (``train_step`` does). All ranks of a model replica pass the same micro-batches.
     """
     from megatron.core import parallel_state as mpu
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     config = get_model_config(model_chunks[0])
@@ -152,17 +172,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
 
     config.finalize_model_grads_func = _finalize_grads_without_token_scaling
     microbatches = uniform_shapes(model_chunks, microbatches)
-    fb = get_forward_backward_func()
-    with cuda_to_cpu():
-        per_mb = fb(
-            forward_step_func=functools.partial(_forward_step, loss_func_factory=loss_func),
-            data_iterator=_data_iterator(model_chunks, microbatches),
-            model=_model_arg(model_chunks),
-            num_microbatches=len(microbatches),
-            seq_length=max(mb.seq_len for mb in microbatches),
-            micro_batch_size=max(mb.batch_size for mb in microbatches),
-            forward_only=False,
-        )
+    per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False)
     loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
     metrics = merge_metrics(per_mb) if per_mb else {}
     metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group, device)
@@ -250,7 +260,6 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     shards). No DP communication: each DP rank computes its own batch.
     """
     from megatron.core import parallel_state as mpu
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if num_microbatches is None and max_tokens is None:
         num_microbatches = 1
@@ -268,19 +277,8 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
 
     for chunk in model_chunks:
         chunk.eval()
-    fb = get_forward_backward_func()
     try:
-        with cuda_to_cpu():
-            outputs = fb(
-                forward_step_func=functools.partial(_forward_step, loss_func_factory=stats_func),
-                data_iterator=_data_iterator(model_chunks, microbatches),
-                model=_model_arg(model_chunks),
-                num_microbatches=len(microbatches),
-                seq_length=max(mb.seq_len for mb in microbatches),
-                micro_batch_size=max(mb.batch_size for mb in microbatches),
-                forward_only=True,
-                collect_non_loss_data=True,
-            )
+        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True)
     finally:
         for chunk in model_chunks:
             chunk.train()
