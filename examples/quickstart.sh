@@ -11,7 +11,7 @@ bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 PY="$ROOT/.venv/bin/python"
 RUN="${QUICKSTART_DIR:-runs/quickstart}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1 VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1 VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-ERROR}"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 if [[ ! -f "$RUN/model/config.json" ]]; then
