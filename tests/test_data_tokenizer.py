@@ -56,3 +56,25 @@ def test_hf_export_matches_sentencepiece(trained):
 def test_load_tokenizer_rejects_hub_ids():
     with pytest.raises(FileNotFoundError, match="Hugging Face tokenizer folder"):
         load_tokenizer("Qwen/Qwen2.5-Math-7B")
+
+
+def test_byte_level_bpe_survives_a_qwen2_model_folder(tmp_path):
+    """Inside a folder whose config.json says qwen2, AutoTokenizer (the trainer's and vLLM's path) rebuilds
+    Qwen2's pipeline; a byte-level BPE trained with that pipeline must reload with identical ids and text."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, train_byte_level_bpe
+
+    texts = rg_corpus(["chain_sum"], per_task=100)
+    core = train_byte_level_bpe(texts, 512, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
+                            clean_up_tokenization_spaces=False).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    tok = load_tokenizer(str(tmp_path))
+    for text in texts[:50] + ["a  b\n\n\tc ", "héllo 🙂", "<|im_start|>user\n1 + 2<|im_end|>"]:
+        ids = tok.encode(text)
+        assert ids == core.encode(text, add_special_tokens=False).ids and tok.decode(ids) == text
+    assert tok.eos_id == tok.token_to_id("<|im_end|>") == 2

@@ -62,24 +62,6 @@ def response_text(example, task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (`tokenizers` core) with Qwen2's exact pipeline: NFC, Qwen2's split regex
-    (one digit per token), byte-level alphabet, ChatML symbols as special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    core = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(texts, trainer)
-    return core
-
-
 def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int):
     """Trains the tokenizer on reasoning-gym text and the response format, saves the HF folder, returns the
     core tokenizer (the reference the saved folder is checked against once config.json is next to it).
@@ -93,14 +75,14 @@ def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int):
     from transformers import PreTrainedTokenizerFast
 
     from megatron_simko.data import load_prompts, render_chatml
-    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, rg_corpus
+    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, rg_corpus, train_byte_level_bpe
 
     texts = rg_corpus([task], per_task=500, seed=seed)
     # The configured difficulty, the exact response format and the chat roles, so all of them get merges.
     for ex in load_prompts(f"reasoning_gym/{task}", size=200, seed=seed, **task_config):
         texts += [ex.prompt, response_text(ex, task)]
     texts += [render_chatml([{"role": r, "content": "."}]) for r in ("system", "user", "assistant")] * 50
-    core = train_tokenizer(texts, TOKENIZER_VOCAB)
+    core = train_byte_level_bpe(texts, TOKENIZER_VOCAB, SPECIAL_TOKENS)
     hf = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                  unk_token=None, additional_special_tokens=["<|im_start|>"],
                                  chat_template=CHATML_TEMPLATE, model_max_length=MODEL_SHAPE["max_position_embeddings"],

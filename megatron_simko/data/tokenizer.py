@@ -165,6 +165,27 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int
     return path
 
 
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str]):
+    """A byte-level BPE tokenizer (`tokenizers` core) with Qwen2's exact pipeline: NFC, Qwen2's split regex (one
+    digit per token), byte-level alphabet, `special_tokens` first (ids 0, 1, ...). Unlike a SentencePiece export,
+    it loads identically through `AutoTokenizer` inside a Qwen2 model folder (vLLM's path). Returns the core
+    tokenizer; wrap it in `transformers.PreTrainedTokenizerFast` to save a folder."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFCoreTokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    core = HFCoreTokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    return core
+
+
 def export_hf_tokenizer(sp_model_file: str, out_dir: str, chat_template: str = CHATML_TEMPLATE) -> str:
     """Writes a Hugging Face tokenizer folder equivalent to a SentencePiece unigram model trained by
     `train_sentencepiece` (same ids; eos <|im_end|>, pad <|endoftext|>); returns out_dir.
@@ -172,7 +193,7 @@ def export_hf_tokenizer(sp_model_file: str, out_dir: str, chat_template: str = C
     Known limitation (transformers 5.x): placed in a model folder whose config.json says model_type "qwen2",
     `AutoTokenizer` (and so vLLM) loads it as `Qwen2Tokenizer`, which rebuilds a byte-level pre-tokenizer around
     this Unigram vocabulary and drops spaces and newlines. Use it standalone or beside a Llama-style model; for a
-    Qwen2 model folder train a byte-level BPE instead (tools/make_tiny_model.py does, and checks the reload)."""
+    Qwen2 model folder use `train_byte_level_bpe` instead (tools/make_tiny_model.py does, and checks the reload)."""
     import sentencepiece as spm
     from tokenizers import Tokenizer as HFCoreTokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
