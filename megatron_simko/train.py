@@ -264,7 +264,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron.core import parallel_state as mpu
 
     from megatron_simko.experience import build_experience, rollout_metrics
-    from megatron_simko.rollout import generate_global, logprob_mismatch, shard_bounds, truncated_importance_weights
+    from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
     from megatron_simko.rollout.sharding import RolloutLayout
     from megatron_simko.trainer.optimizer import train_step
     from megatron_simko.trainer.step import compute_token_stats
@@ -288,8 +288,9 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     lengths = torch.tensor([s.length for r in results for s in r.samples])
     truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
     metrics = rollout_metrics(rewards, lengths, truncated, n)
-    lo, hi = shard_bounds(len(results), L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups)
-    batch = build_experience(results[lo:hi], rewards[lo * n:hi * n].tolist(), c.tokenizer.pad_id)
+    mine = dp_share(results, L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups, contiguous)
+    lo = mine[0].prompt_index  # results are in global prompt order
+    batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id)
     times["time/reward"] = time.perf_counter() - t
     t = time.perf_counter()
 

@@ -18,7 +18,6 @@ Nothing here is active when CUDA is available.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -70,13 +69,3 @@ def cuda_to_cpu() -> contextlib.AbstractContextManager:
     """Context for megatron-core calls that allocate on "cuda" (the pipeline schedules); no-op with a GPU."""
     return CudaToCpuMode() if cpu_mode() else contextlib.nullcontext()
 
-
-def on_cpu_if_needed(fn):
-    """Decorator form of :func:`cuda_to_cpu`, e.g. around ``get_forward_backward_func()``'s result."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with cuda_to_cpu():
-            return fn(*args, **kwargs)
-
-    return wrapper
