@@ -300,11 +300,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, out_dir: str, timeout: float = 240.0) -> dict:
-    """Start `world` worker processes, wait, and return {case: [failures of every rank]}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def launch(world: int, out_dir: str, timeout: float = 240.0, script: str = __file__, env: dict = None) -> dict:
+    """Start `world` processes of `script` (a worker with this CLI; default: this one) with extra `env`, wait,
+    and return {case: [failures of every rank]}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **(env or {})}
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--rank", str(r), "--world", str(world),
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), "--rank", str(r), "--world", str(world),
                                "--port", str(port), "--out", out_dir], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]

@@ -4,6 +4,7 @@ the parameters after one optimizer step.
 
     python tools/check_parallel_equivalence.py --tp 2 --pp 2 [--dp 1] [--vpp N] [--model-config PATH]
                                                [--dtype fp32|bf16] [--seed 1234] [--distributed-optimizer]
+                                               [--loss-backend auto|torch|triton]
 
 One command, two phases:
   1. reference (this process, one device: TP1 PP1 DP1, a private one-process gloo group): builds the model
@@ -140,15 +141,16 @@ def finish_setup(chunks, optim, distributed_optimizer: bool):
     return chunks, optimizer, build_scheduler(optimizer, optim)
 
 
-def run_step(chunks, optimizer, scheduler, arch, batch, num_microbatches=None, max_tokens=None):
+def run_step(chunks, optimizer, scheduler, arch, batch, backend, num_microbatches=None, max_tokens=None):
     """Statistics (forward-only), then one train step; returns (stats, step output, {name: grad}).
-    Micro-batches: ``num_microbatches`` equal splits, or token-budget packing with ``max_tokens``."""
+    Micro-batches: ``num_microbatches`` equal splits, or token-budget packing with ``max_tokens``.
+    ``backend``: the loss backend (SimKOConfig.backend), the same in both phases."""
     from megatron_simko.losses import SimKOConfig
     from megatron_simko.trainer.optimizer import train_step
     from megatron_simko.trainer.step import compute_token_stats
 
     stats = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=num_microbatches,
-                                max_tokens=max_tokens)
+                                max_tokens=max_tokens, backend=backend)
     grads = {}
 
     def grab(model_chunks):
@@ -157,7 +159,7 @@ def run_step(chunks, optimizer, scheduler, arch, batch, num_microbatches=None, m
                 # a copy: on the CPU .float().cpu() would alias main_grad, which clipping then scales in place
                 grads[(c, name)] = p.main_grad.detach().to("cpu", torch.float32, copy=True)
 
-    out = train_step(chunks, optimizer, scheduler, batch, SimKOConfig(top_k=TOP_K), arch.vocab_size,
+    out = train_step(chunks, optimizer, scheduler, batch, SimKOConfig(top_k=TOP_K, backend=backend), arch.vocab_size,
                      num_microbatches=num_microbatches, max_tokens=max_tokens, grad_hook=grab)
     return stats, out, grads
 
@@ -188,11 +190,12 @@ def reference(args, arch: ModelArch, path: str) -> None:
 
     global_batch = MICRO_BATCH_SIZE * MICROBATCHES_PER_DP_RANK * args.dp
     batch = make_batch(arch, global_batch, args.seed)
-    first = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=1)
+    first = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=1,
+                                backend=args.loss_backend)
     g = torch.Generator().manual_seed(args.seed + 2)
     batch.old_logprob = first.target_logprob.cpu() + 0.3 * torch.randn(first.target_logprob.shape, generator=g)
 
-    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch,
+    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
                                  num_microbatches=MICROBATCHES_PER_DP_RANK * args.dp)
     params = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in chunks[0].module.named_parameters()}
     tmp = path + ".tmp"
@@ -318,9 +321,11 @@ def worker(args) -> int:
     batch = RLBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, old_logprob=batch.old_logprob,
                     advantages=batch.advantages, lengths=batch.lengths)  # fresh indices 0..per_rank−1
     if args.max_tokens:
-        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, max_tokens=args.max_tokens)
+        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
+                                     max_tokens=args.max_tokens)
     else:
-        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, MICROBATCHES_PER_DP_RANK)
+        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
+                                     MICROBATCHES_PER_DP_RANK)
 
     # 3. Compare shards.
     cmp = Comparison(TOLERANCES[args.dtype])
@@ -431,6 +436,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--loss-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="SimKOConfig.backend for both phases (triton on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="parallel run: token-budget micro-batches of ≤ N padded tokens (count agreed over DP) "
                         "instead of equal splits; the reference keeps equal splits")
@@ -468,7 +475,7 @@ def main(argv=None) -> int:
         result_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
                f"--master-port={free_port()}", os.path.abspath(__file__), "--worker", "--reference", ref_path]
-        for flag in ("tp", "pp", "dp", "vpp", "model_config", "dtype", "seed", "max_tokens"):
+        for flag in ("tp", "pp", "dp", "vpp", "model_config", "dtype", "seed", "max_tokens", "loss_backend"):
             value = getattr(args, flag)
             if value is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]

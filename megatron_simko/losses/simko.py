@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .triton_kernels import BACKENDS
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, TokenStats, token_statistics
 
 MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce")
@@ -44,6 +45,7 @@ class SimKOConfig:
     top-K at high-entropy tokens. lam: λ, extra push on wrong rank-1 high-entropy tokens (λ ≥ 1 in the paper;
     any λ > 0 accepted). tau: τ, per-response entropy quantile. clip_low/clip_high: ε_low/ε_high.
     chunk_tokens: tokens per chunk of the vocab-parallel kernel (bounds its fp32 [chunk, V_local] buffer).
+    backend: "auto" (Triton kernels on CUDA when Triton imports, else torch), "torch" or "triton".
     """
 
     mode: str = "simko"
@@ -54,6 +56,7 @@ class SimKOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    backend: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -72,6 +75,8 @@ class SimKOConfig:
             raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {self.chunk_tokens!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
@@ -143,7 +148,7 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
         raise ValueError(f"token_normalizer must be a positive number, got {token_normalizer!r}")
     K = cfg.top_k
     stats: TokenStats = token_statistics(logits, targets, K, tp_group, temperature, vocab_size,
-                                         mask=mask, chunk_tokens=cfg.chunk_tokens)
+                                         mask=mask, chunk_tokens=cfg.chunk_tokens, backend=cfg.backend)
 
     maskf = mask.float()
     if advantages.dim() == 1:

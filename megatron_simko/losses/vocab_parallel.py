@@ -29,6 +29,9 @@ plus O(tokens·K) (forward: two [chunk/2, V_local]; backward: one [chunk, V_loca
 whose backward works inside the gradient tensor itself). z = logits·(1/T) in fp32 (bf16/fp16
 logits are upcast per chunk, never as a whole).
 The caller's logits are never modified in place.
+
+backend="triton" swaps the two local passes (the chunked forward statistics, the backward) for the fused
+one-pass kernels of losses/triton_kernels.py; the all-gather and merge_partials are shared.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist  # collectives are called as dist.<name> so tests can wrap them
+
+from . import triton_kernels  # the Triton backend of the two local passes (imports without Triton)
 
 DEFAULT_CHUNK_TOKENS = 2048
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,19 +181,22 @@ def softmax_gradient_chunk(x, grad_out, p_buf, lse, inv_t, shard, ids, betas):
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward(logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens):
-    """Local chunked pass → one all-gather → merge. Returns (target_logprob, entropy, topk_lp, topk_ids, lse)."""
+def _forward(logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend="torch"):
+    """Local pass → one all-gather → merge. Returns (target_logprob, entropy, topk_lp, topk_ids, lse)."""
     N = logits2d.shape[0]
-    partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=logits2d.device)
     inv_t = 1.0 / temperature
-    step = max(1, chunk_tokens // 2)  # local_exp_sums holds two fp32 [step, V] buffers = one [chunk, V]
-    for a in range(0, N, step):
-        b = min(a + step, N)
-        x = real_rows(logits2d[a:b], shard)  # [n, n_real] view, logits dtype
-        values, ids = local_topk(x, top_k, shard, inv_t)
-        target_z = local_target_logit(x, targets1d[a:b], shard, inv_t)
-        sum_exp, sum_exp_z = local_exp_sums(x, values[:, 0], inv_t)
-        partials[a:b] = pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
+    if backend == "triton":  # one streaming pass per row, same partials
+        partials = triton_kernels.local_partials(logits2d, targets1d, top_k, shard, inv_t)
+    else:
+        partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=logits2d.device)
+        step = max(1, chunk_tokens // 2)  # local_exp_sums holds two fp32 [step, V] buffers = one [chunk, V]
+        for a in range(0, N, step):
+            b = min(a + step, N)
+            x = real_rows(logits2d[a:b], shard)  # [n, n_real] view, logits dtype
+            values, ids = local_topk(x, top_k, shard, inv_t)
+            target_z = local_target_logit(x, targets1d[a:b], shard, inv_t)
+            sum_exp, sum_exp_z = local_exp_sums(x, values[:, 0], inv_t)
+            partials[a:b] = pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
     if tp_group is None:
         gathered = partials.unsqueeze(0)  # [1, N, 2K+3]
     else:
@@ -203,11 +211,11 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     """Sequences the named steps; saves only the logits reference and per-token scalars/ids."""
 
     @staticmethod
-    def forward(ctx, logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens):
+    def forward(ctx, logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend):
         target_lp, entropy, topk_lp, topk_ids, lse = _forward(
-            logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens)
+            logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend)
         ctx.save_for_backward(logits2d, targets1d, topk_ids, lse)
-        ctx.temperature, ctx.shard, ctx.chunk_tokens = temperature, shard, chunk_tokens
+        ctx.temperature, ctx.shard, ctx.chunk_tokens, ctx.backend = temperature, shard, chunk_tokens, backend
         ctx.mark_non_differentiable(entropy, topk_ids)
         ctx.set_materialize_grads(False)
         return target_lp, entropy, topk_lp, topk_ids
@@ -217,15 +225,19 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         logits2d, targets1d, topk_ids, lse = ctx.saved_tensors
         shard, T, chunk = ctx.shard, ctx.temperature, ctx.chunk_tokens
         if shard.n_real == 0 or (grad_target_lp is None and grad_topk_lp is None):
-            return torch.zeros_like(logits2d), None, None, None, None, None, None
-        grad = torch.empty_like(logits2d)  # real rows are all written below
-        grad[:, shard.n_real:] = 0  # padding rows get a zero gradient
+            return torch.zeros_like(logits2d), None, None, None, None, None, None, None
         N, K = topk_ids.shape
         # β for the K+1 ids m = (y_t, c_1..c_K); a missing upstream gradient is β = 0.
         beta_t = grad_target_lp.float() if grad_target_lp is not None else lse.new_zeros(N)
         beta_k = grad_topk_lp.float() if grad_topk_lp is not None else lse.new_zeros(N, K)
         ids = torch.cat([targets1d.unsqueeze(1), topk_ids], dim=1)  # [N, K+1]
         betas = torch.cat([beta_t.unsqueeze(1), beta_k], dim=1)
+        if ctx.backend == "triton":  # one pass per row, padding rows included
+            grad = triton_kernels.softmax_gradient(logits2d, ids, betas, lse, 1.0 / T, shard,
+                                                   grad_entropy=None, entropy=None)
+            return grad, None, None, None, None, None, None, None
+        grad = torch.empty_like(logits2d)  # real rows are all written below
+        grad[:, shard.n_real:] = 0  # padding rows get a zero gradient
         in_place = grad.dtype == torch.float32  # fp32 logits: the gradient itself is the buffer
         for a in range(0, N, chunk):
             b = min(a + chunk, N)
@@ -234,7 +246,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             softmax_gradient_chunk(real_rows(logits2d[a:b], shard), grad_out, p_buf, lse[a:b], 1.0 / T, shard,
                                    ids[a:b], betas[a:b])
             del p_buf  # free before the next chunk allocates its own
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +293,7 @@ def check_targets(targets: torch.Tensor, vocab_size: int, mask: Optional[torch.T
 def token_statistics(logits: torch.Tensor, targets: torch.Tensor, top_k: int, tp_group=None,
                      temperature: float = 1.0, vocab_size: Optional[int] = None, *,
                      mask: Optional[torch.Tensor] = None,
-                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> TokenStats:
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, backend: str = "auto") -> TokenStats:
     """Per-token target log-prob, entropy, top-K log-probs/ids and rank-1 flag of softmax(logits / T).
 
     logits [B, L, V_local] (this rank's vocabulary shard; fp32/bf16/fp16, never modified), targets [B, L]
@@ -289,6 +301,8 @@ def token_statistics(logits: torch.Tensor, targets: torch.Tensor, top_k: int, tp
     positions any target id is tolerated and its target_logprob is meaningless. Ties in the top-K are
     broken arbitrarily (as torch.topk does). Under torch.no_grad (or logits without requires_grad) no
     autograd state is built. Memory: the equivalent of one fp32 [chunk_tokens, V_local] buffer + O(B·L·K).
+    backend: "torch", "triton" (losses/triton_kernels.py: fused kernels, no [chunk, V] buffer, chunk_tokens
+    unused) or "auto" (Triton on CUDA when it imports) — the same statistics either way.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, L, V_local], got shape {tuple(logits.shape)}")
@@ -308,16 +322,17 @@ def token_statistics(logits: torch.Tensor, targets: torch.Tensor, top_k: int, tp
         raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
     shard, vocab_size = resolve_shard(logits, tp_group, vocab_size, top_k)
     check_targets(targets, vocab_size, mask)
+    backend = triton_kernels.resolve_backend(backend, logits.device, top_k)
 
     B, L, V = logits.shape
     logits2d, targets1d = logits.reshape(B * L, V), targets.reshape(B * L)  # [N, V_local], [N]
     temperature = float(temperature)
     if torch.is_grad_enabled() and logits.requires_grad:
         target_lp, entropy, topk_lp, topk_ids = _VocabParallelTokenStats.apply(
-            logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens)
+            logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend)
     else:  # forward-only (old log-probs, metrics): no graph, nothing saved
         target_lp, entropy, topk_lp, topk_ids, _ = _forward(
-            logits2d, targets1d.detach(), top_k, tp_group, temperature, shard, chunk_tokens)
+            logits2d, targets1d.detach(), top_k, tp_group, temperature, shard, chunk_tokens, backend)
     return TokenStats(
         target_logprob=target_lp.view(B, L),
         entropy=entropy.view(B, L),

@@ -249,7 +249,7 @@ def _empty_stats(B: int, S: int, K: int, device) -> PerTokenStats:
 def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top_k: int, vocab_size: int,
                         temperature: float = 1.0, num_microbatches: Optional[int] = None,
                         max_tokens: Optional[int] = None,
-                        broadcast_to_all_stages: bool = False) -> Optional[PerTokenStats]:
+                        broadcast_to_all_stages: bool = False, backend: str = "auto") -> Optional[PerTokenStats]:
     """Forward-only pass through the same schedule: per-token target log-prob, entropy and top-K.
 
     Use it for the old-policy log-probs (``old_logprob = stats.target_logprob``) and for metrics (Λ^(k)).
@@ -257,7 +257,8 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     micro-batch). The last pipeline stage computes the statistics; other stages return None unless
     ``broadcast_to_all_stages`` (then every rank of this pipeline receives them: O(B·S·K) numbers per call).
     Every TP rank of the last stage returns identical statistics (the loss library merges the vocabulary
-    shards). No DP communication: each DP rank computes its own batch.
+    shards). No DP communication: each DP rank computes its own batch. ``backend``: the loss backend
+    (SimKOConfig.backend) of ``token_statistics``.
     """
     from megatron.core import parallel_state as mpu
 
@@ -272,7 +273,7 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
         targets = mb.tokens.to(logits.device)[:, 1:]
         valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
         st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
-                              vocab_size=vocab_size, mask=valid)
+                              vocab_size=vocab_size, mask=valid, backend=backend)
         return mb, valid, st
 
     for chunk in model_chunks:
