@@ -75,3 +75,14 @@ def test_kernels_compile_for_hopper():
         compiled = tk.triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs),
                                      target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
         assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no cubin"
+
+
+@needs_triton
+@pytest.mark.slow
+def test_parallel_equivalence_tool_with_triton_backend(tmp_path, monkeypatch):
+    """tools/check_parallel_equivalence.py --loss-backend triton (interpreted): TP2×PP2 ≡ one device."""
+    from test_parallel_equivalence import REQUIRED_ROWS, run_tool
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "2", "--loss-backend", "triton")
+    assert REQUIRED_ROWS <= set(rows) and all(r["passed"] for r in rows.values()), table
