@@ -39,7 +39,7 @@ except ImportError:  # no Triton: resolve_backend picks "torch"; nothing below i
 
 BACKENDS = ("auto", "torch", "triton")
 MAX_TOP_K = 8  # the running top-K lives in registers
-MAX_BLOCK = 4096  # vocabulary tile (columns per iteration) on the GPU
+MAX_BLOCK = 2048  # vocabulary tile (columns per iteration) on the GPU, 8 warps: 8 columns per thread
 
 
 def _jit(fn):
@@ -183,13 +183,14 @@ def _pow2_at_least(n: int, floor: int = 2) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _launch_shape(n_cols: int, block: Optional[int]) -> tuple[int, int]:
-    """(BLOCK, num_warps): a power-of-two tile ≤ MAX_BLOCK covering the row if it can, or the caller's."""
+def _launch_shape(n_cols: int, block: Optional[int], num_warps: Optional[int]) -> tuple[int, int]:
+    """(BLOCK, num_warps): a power-of-two tile ≤ MAX_BLOCK covering the row if it can, or the caller's
+    (benchmarks/loss_bench.py --sweep times the alternatives on a GPU)."""
     if block is None:
         block = min(MAX_BLOCK, _pow2_at_least(n_cols, 16))
     elif block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-    return block, (8 if block >= 2048 else 4)
+    return block, num_warps or (8 if block >= 2048 else 4)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def local_partials(x: torch.Tensor, targets: torch.Tensor, top_k: int, shard, inv_t: float, *,
-                   block: Optional[int] = None) -> torch.Tensor:
+                   block: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """[N, 2K+3] float64 partials of logits x [N, V_local] (any float dtype, read only), targets [N] int64
     global ids; shard = vocab_parallel._Shard (start, n_real). Same layout as vocab_parallel.pack_partials."""
     x = _rows(x)
@@ -206,7 +207,7 @@ def local_partials(x: torch.Tensor, targets: torch.Tensor, top_k: int, shard, in
     partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=x.device)
     if N == 0:
         return partials
-    BLOCK, warps = _launch_shape(shard.n_real, block)
+    BLOCK, warps = _launch_shape(shard.n_real, block, num_warps)
     _local_partials_kernel[(N,)](x, x.stride(0), targets.contiguous(), partials, shard.n_real, shard.start,
                                  float(inv_t), K=top_k, KP=_pow2_at_least(top_k), BLOCK=BLOCK, num_warps=warps)
     return partials
@@ -214,7 +215,7 @@ def local_partials(x: torch.Tensor, targets: torch.Tensor, top_k: int, shard, in
 
 def softmax_gradient(x: torch.Tensor, ids: torch.Tensor, betas: torch.Tensor, lse: torch.Tensor, inv_t: float,
                      shard, grad_entropy: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
-                     *, block: Optional[int] = None) -> torch.Tensor:
+                     *, block: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
     """∂/∂logits [N, V_local] in x's dtype (see the module docstring).
 
     x [N, V_local] logits (read only); ids [N, K+1] int64 global ids (y_t, c_1..c_K); betas [N, K+1] fp32
@@ -231,7 +232,7 @@ def softmax_gradient(x: torch.Tensor, ids: torch.Tensor, betas: torch.Tensor, ls
     has_entropy = grad_entropy is not None
     if not has_entropy:  # never read (HAS_ENTROPY is a constexpr); any fp32 pointer will do
         grad_entropy = entropy = lse
-    BLOCK, warps = _launch_shape(V, block)
+    BLOCK, warps = _launch_shape(V, block, num_warps)
     _softmax_gradient_kernel[(N,)](
         x, x.stride(0), grad, grad.stride(0), ids.contiguous(), betas.float().contiguous(), lse.float().contiguous(),
         grad_entropy.float().contiguous(), entropy.float().contiguous(), V, shard.n_real, shard.start, float(inv_t),
