@@ -22,8 +22,9 @@ Memory: O(N·K) beyond the logits and the gradient; no fp32 copy of the logits, 
 math happens tile by tile in registers). The logits are only read. Ties in the top-K: lower id first.
 Logits are assumed finite (a −inf logit never enters the top-K here; the torch path would list it).
 
-Interpreter (CPU, tests): set TRITON_INTERPRET=1 before this module is imported (the kernels are decorated then). Kernels use only what both
-Triton 3.6 (the GPU machine's) and 3.9 (CI's interpreter) accept.
+Interpreter (CPU, tests): set TRITON_INTERPRET=1 before this module is imported (the kernels are decorated
+then). Kernels use only what both Triton 3.6 (the GPU machine's) and 3.9 (CI's interpreter) accept; both
+compile them for sm_90 (tests/test_loss_triton.py checks the installed one).
 """
 from __future__ import annotations  # kernel annotations stay strings: this module imports without Triton
 
@@ -50,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device, top_k: int) -> str:
     """"torch" or "triton" for token_statistics' local passes — the only place the backend is chosen.
 
     "auto": Triton on CUDA tensors when Triton imports and top_k <= MAX_TOP_K, the torch backend otherwise.
-    "triton" on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported).
+    "triton" on CPU tensors needs Triton's interpreter (TRITON_INTERPRET=1 before this module is imported).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
