@@ -105,19 +105,20 @@ def _local_partials_kernel(logits_ptr, row_stride, targets_ptr, partials_ptr, n_
         e_acc = scale * (e_acc + d * s_acc) + e * y
         s_acc = scale * s_acc + e
         m = m_new
-        if tile_max > kth:  # this tile holds a new top-K member: extract its K best, insert each
+        if tile_max > kth:  # this tile holds new top-K members: insert them one by one, best first
             xs = x
-            for _ in tl.static_range(K):
-                v, j = tl.max(xs, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            v, j = tl.max(xs, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            while v > kth:  # a tie with the K-th keeps the earlier (lower) column; ≤ K rounds
                 pos = tl.sum((top_x >= v).to(tl.int32), axis=0)  # after the equal ones (lower columns)
                 shifted_x = tl.max(tl.where(prev_slot, top_x[None, :], float("-inf")), axis=1)
                 shifted_c = tl.max(tl.where(prev_slot, top_c[None, :], -1), axis=1)
                 top_x = tl.where(slots < pos, top_x, tl.where(slots == pos, v, shifted_x))
                 top_c = tl.where(slots < pos, top_c, tl.where(slots == pos, c0 + j, shifted_c))
-                top_x = tl.where(slots < K, top_x, float("-inf"))  # pos ≥ K: nothing entered
+                top_x = tl.where(slots < K, top_x, float("-inf"))  # the old K-th falls out
                 top_c = tl.where(slots < K, top_c, -1)
+                kth = tl.max(tl.where(slots == K - 1, top_x, float("-inf")), axis=0)
                 xs = tl.where(cols == j, float("-inf"), xs)
-            kth = tl.max(tl.where(slots == K - 1, top_x, float("-inf")), axis=0)
+                v, j = tl.max(xs, axis=0, return_indices=True, return_indices_tie_break_left=True)
     sum_exp = tl.sum(s_acc, axis=0)
     sum_exp_z = tl.sum(e_acc, axis=0)
     target = tl.load(targets_ptr + row) - start  # local index of y_t (int64)
