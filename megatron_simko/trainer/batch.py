@@ -8,6 +8,8 @@ Shapes (B sequences, S = padded length; every sequence is prompt + response, rig
     advantages       [B] or [B, S]  float, per sequence (broadcast over its response) or per token
     rollout_logprob  [B, S] float   optional: the rollout engine's log-prob of token t (for diagnostics)
     lengths          [B] int64      prompt + response length; positions ≥ lengths[b] are padding
+    cov_select       [B, S] bool    optional: the KL-Cov / Clip-Cov token selection of this optimizer step
+                                    (trainer/step.py computes it over the whole mini-batch; losses/covariance.py)
 
 Alignment: every per-token tensor is aligned with ``tokens``; index t refers to token t *as predicted from
 position t − 1*. Index 0 is therefore never a response token (loss_mask[:, 0] is False) and the model's
@@ -48,6 +50,7 @@ class RLBatch:
     rollout_logprob: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None
+    cov_select: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.tokens.dtype != torch.int64:
@@ -55,7 +58,7 @@ class RLBatch:
         B, S = self.tokens.shape
         if B == 0 or S < 2:
             raise ValueError(f"a batch needs B ≥ 1 sequences of length ≥ 2, got [B, S] = [{B}, {S}]")
-        for name in ("loss_mask", "old_logprob", "rollout_logprob"):
+        for name in ("loss_mask", "old_logprob", "rollout_logprob", "cov_select"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (B, S):
                 raise ValueError(f"{name} shape {tuple(t.shape)} must equal tokens' [B, S] = [{B}, {S}]")

@@ -99,7 +99,8 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature)
+    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
+                           selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
     if grad_hook is not None:
         grad_hook(model_chunks)
     lr = current_lr(optimizer)
