@@ -40,13 +40,9 @@ import torch.distributed as dist
 from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
 from megatron_simko.losses.covariance import covariance_selection
 from megatron_simko.losses.simko import COVARIANCE_MODES
-from megatron_simko.parallel.cpu_shims import cpu_mode, cuda_to_cpu
+from megatron_simko.parallel.cpu_shims import cuda_to_cpu
+from megatron_simko.parallel.devices import all_reduce, collective_device, trainer_device
 from megatron_simko.trainer.batch import RLBatch, token_budget_microbatches
-
-
-def comm_device() -> torch.device:
-    """Where tensors for collectives live: the CPU with gloo, this rank's GPU with NCCL."""
-    return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
 
 
 def causal_attention_mask(seq_len: int, device) -> torch.Tensor:
@@ -91,7 +87,7 @@ def _data_iterator(model_chunks, microbatches):
 def _forward_step(data_iterator, model, *, loss_func_factory):
     """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last."""
     mb: RLBatch = next(data_iterator)
-    device = comm_device()
+    device = trainer_device()
     tokens = mb.tokens.to(device)  # [b, s]
     b, s = tokens.shape
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # right padding: start at 0
@@ -166,15 +162,12 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     if not config.calculate_per_token_loss:
         raise ValueError("the training step needs TransformerConfig(calculate_per_token_loss=True) "
                          "(use trainer.model.trainer_transformer_config)")
-    device = comm_device()
     dp_group = mpu.get_data_parallel_group()
     tp_group = mpu.get_tensor_model_parallel_group()
 
     # 1. the global token count N.
     n_local = sum(mb.num_loss_tokens for mb in microbatches)
-    n = torch.tensor([n_local], dtype=torch.int64, device=device)
-    dist.all_reduce(n, group=dp_group)
-    num_tokens = int(n.item())
+    num_tokens = int(all_reduce(torch.tensor([n_local], dtype=torch.int64), group=dp_group).item())
     normalizer = float(max(num_tokens, 1))
 
     def loss_func(mb: RLBatch, logits: torch.Tensor):
@@ -193,13 +186,13 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False)
     loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
     metrics = merge_metrics(per_mb) if per_mb else {}
-    metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group, device)
+    metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group)
     metrics = _broadcast_from_last_stage(metrics)
     return StepOutput(loss=metrics["loss"], metrics=metrics, num_tokens=num_tokens,
                       num_microbatches=len(microbatches))
 
 
-def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group, device) -> Dict[str, float]:
+def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group) -> Dict[str, float]:
     """Global metrics on last-stage ranks: token-weighted means over DP, the loss summed (already /N)."""
     from megatron.core import parallel_state as mpu
 
@@ -207,9 +200,8 @@ def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group
         return {}
     keys = sorted(k for k in metrics if k != "num_tokens")
     n = metrics.get("num_tokens", 0.0)
-    packed = torch.tensor([metrics[k] * n for k in keys] + [n, loss_sum], dtype=torch.float64, device=device)
-    dist.all_reduce(packed, group=dp_group)
-    values = packed.tolist()
+    packed = torch.tensor([float(metrics[k]) * n for k in keys] + [n, float(loss_sum)], dtype=torch.float64)
+    values = all_reduce(packed, group=dp_group).tolist()
     total = values[-2]
     out = {k: (v / total if total > 0 else 0.0) for k, v in zip(keys, values)}
     out["num_tokens"] = total
@@ -236,7 +228,8 @@ def _broadcast_from_last_stage(obj):
 
 @dataclass
 class PerTokenStats:
-    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1).
+    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1),
+    on the trainer device (``parallel.devices.trainer_device``).
 
     target_logprob [B, S] f32, entropy [B, S] f32, topk_logprob [B, S, K] f32, topk_ids [B, S, K] int64
     (global vocabulary ids), is_rank1 [B, S] bool. Index 0 and padding positions (t ≥ lengths[b]) hold 0
@@ -323,7 +316,7 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     if num_microbatches is None and max_tokens is None:
         num_microbatches = 1
     microbatches = uniform_shapes(model_chunks, make_microbatches(batch, num_microbatches, max_tokens))
-    device = comm_device()
+    device = trainer_device()
     outputs = _forward_only_token_stats(model_chunks, microbatches, top_k, vocab_size, temperature)
 
     B, S = batch.tokens.shape
@@ -334,11 +327,12 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     if broadcast_to_all_stages and mpu.get_pipeline_model_parallel_world_size() > 1:
         src = mpu.get_pipeline_model_parallel_last_rank()
         group = mpu.get_pipeline_model_parallel_group()
+        on = collective_device(group)
         for t in out.fields():
-            buf = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo has no bool collectives
+            buf = t.to(on, torch.uint8 if t.dtype == torch.bool else t.dtype)  # gloo has no bool collectives
             dist.broadcast(buf, src=src, group=group)
             if buf is not t:
-                t.copy_(buf.bool())
+                t.copy_(buf)
     return out
 
 
@@ -373,15 +367,15 @@ def with_covariance_selection(model_chunks, microbatches: List[RLBatch], loss_cf
     outputs = _forward_only_token_stats(model_chunks, microbatches, loss_cfg.top_k, vocab_size, temperature)
     if not outputs:  # not the last pipeline stage: no loss here
         return microbatches
-    device = comm_device()
+    device = trainer_device()
     mask, adv, old = _rows_of(microbatches, device)
     stats = _scatter_stats(outputs, _empty_stats(mask.shape[0], mask.shape[1], loss_cfg.top_k, device))
     selected = covariance_selection(loss_cfg.mode, adv, stats.target_logprob, old, mask, loss_cfg, group=dp_group,
                                     seed=seed)  # [B, S], canonical order = rows of this rank, DP rank by rank
     out = []
     for mb in microbatches:
-        sel = torch.zeros(mb.tokens.shape, dtype=torch.bool)
+        sel = torch.zeros(mb.tokens.shape, dtype=torch.bool, device=mb.tokens.device)
         real = mb.indices >= 0
-        sel[real] = selected[mb.indices[real].to(device), :mb.seq_len].cpu()
+        sel[real] = selected[mb.indices[real].to(device), :mb.seq_len].to(sel.device)
         out.append(dataclasses.replace(mb, cov_select=sel))
     return out
