@@ -18,7 +18,7 @@ if [[ ! -f "$RUN/model/config.json" ]]; then
   echo "== making the tiny model in $RUN/model"
   "$PY" tools/make_tiny_model.py --out-dir "$RUN/model" --force
 fi
-echo "== SimKO training (torchrun, TP=2, vLLM rollouts); metrics: $RUN/metrics.jsonl"
+echo "== SimKO training (torchrun, TP=2; rollouts: vLLM unless rollout.backend=transformers); metrics: $RUN/metrics.jsonl"
 "$ROOT/.venv/bin/torchrun" --nproc-per-node 2 --master-port "${MASTER_PORT:-29533}" -m megatron_simko.train \
   --config examples/configs/quickstart.yaml model.hf_dir="$RUN/model" train.log_dir="$RUN" checkpoint.resume=none "$@"
 echo "== done: metrics in $RUN/metrics.jsonl, TensorBoard logs in $RUN/tensorboard, checkpoints in $RUN/checkpoints"

@@ -20,6 +20,7 @@ import yaml
 
 from megatron_simko.data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM
 from megatron_simko.losses import SimKOConfig
+from megatron_simko.rollout.engines import BACKENDS as ROLLOUT_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -86,12 +87,16 @@ class OptimizerConfig:
 
 @dataclass
 class RolloutConfig:
+    backend: str = "vllm"  # vllm | transformers (in-process Hugging Face model, TP 1; runs wherever torch runs)
     n_samples: int = 8  # responses per prompt (the GRPO group)
     temperature: float = 1.0
     top_p: float = 1.0
     max_prompt_length: int = 1024
     max_response_length: int = 3072
-    tensor_parallel: Optional[int] = None  # vLLM TP; default: the trainer's TP
+    # Extra ids that end a response, on top of the tokenizer's EOS, the model's generation_config / config EOS
+    # ids and the chat template's end-of-turn token (e.g. <|im_end|>), which are always stop tokens.
+    stop_token_ids: List[int] = field(default_factory=list)
+    tensor_parallel: Optional[int] = None  # vLLM TP; default: the trainer's TP (transformers backend: 1)
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
     sync_bucket_mb: int = 256
@@ -99,6 +104,11 @@ class RolloutConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap; None = off
 
     def __post_init__(self):
+        _require(self.backend in ROLLOUT_BACKENDS, "rollout.backend",
+                 f"must be one of {', '.join(ROLLOUT_BACKENDS)}, got {self.backend!r}")
+        _require(self.backend != "transformers" or self.tensor_parallel in (None, 1), "rollout.tensor_parallel",
+                 "the transformers backend holds a full model copy on every rank: leave it unset (or 1)")
+        _require(all(t >= 0 for t in self.stop_token_ids), "rollout.stop_token_ids", "ids must be >= 0")
         _require(self.n_samples >= 1, "rollout.n_samples", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -134,8 +144,12 @@ class TrainConfig:
     seed: int = 1234
     validate_every: int = 0  # steps; 0 = never
     log_dir: str = "runs/simko"
+    # Optimizer updates with a non-finite loss or gradient norm are skipped (on every rank); this many in a row
+    # stop the run with an error naming the step.
+    max_bad_steps: int = 3
 
     def __post_init__(self):
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
         _require(self.steps >= 1, "train.steps", "must be >= 1")
         _require(self.mini_batch_size >= 1, "train.mini_batch_size", "must be >= 1")
         _require(self.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")

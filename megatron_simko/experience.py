@@ -5,10 +5,11 @@
                                                      rollout_logprob = the engine's log-probs, advantages = A)
 Rows keep prompt order and sample order (prompt p, sample j → row p·n + j), so a GRPO group is n consecutive
 rows. ``old_logprob`` is left at zero here: the trainer recomputes it with the current (pre-update) policy.
+The batch is packed on the CPU and moved to the trainer's device once, here (``parallel/devices.py``).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -18,8 +19,10 @@ from megatron_simko.rollout.consistency import pack_rollouts
 from megatron_simko.trainer.batch import RLBatch
 
 
-def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float], pad_id: int) -> RLBatch:
-    """Pack this rank's rollouts (all n samples of each prompt, rewards in the same order) into an RLBatch."""
+def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float], pad_id: int,
+                     device: Optional[torch.device] = None) -> RLBatch:
+    """Pack this rank's rollouts (all n samples of each prompt, rewards in the same order) into an RLBatch on
+    ``device`` (the trainer's; None: the CPU)."""
     num_samples = sum(len(r.samples) for r in results)
     if num_samples != len(rewards):
         raise ValueError(f"{num_samples} samples but {len(rewards)} rewards")
@@ -30,9 +33,10 @@ def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float],
     if packed.tokens.shape[1] < 2:
         raise ValueError("prompt + response must hold at least 2 tokens")
     rewards_t = torch.as_tensor(list(rewards), dtype=torch.float32)
-    return RLBatch(tokens=packed.tokens, loss_mask=packed.loss_mask, old_logprob=torch.zeros(packed.tokens.shape),
-                   advantages=grpo_advantages(rewards_t, n.pop()), rollout_logprob=packed.rollout_logprob,
-                   lengths=packed.lengths)
+    batch = RLBatch(tokens=packed.tokens, loss_mask=packed.loss_mask, old_logprob=torch.zeros(packed.tokens.shape),
+                    advantages=grpo_advantages(rewards_t, n.pop()), rollout_logprob=packed.rollout_logprob,
+                    lengths=packed.lengths)
+    return batch if device is None else batch.to(device)
 
 
 def rollout_metrics(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor,

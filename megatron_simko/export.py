@@ -3,7 +3,7 @@
 Two entry points, both through the one mapping module (``models/hf_mapping.py``):
 
 * :func:`export_live_model` — collective, at the end of training: the live TP/PP shards are gathered exactly as
-  for the vLLM weight sync (``MegatronToVLLMSync.iter_hf_tensors``) and global rank 0 writes the directory.
+  for the vLLM weight sync (``MegatronToEngineSync.iter_hf_tensors``) and global rank 0 writes the directory.
 * ``python -m megatron_simko.export --checkpoint ROOT [--step N] --hf-dir HF --out-dir OUT`` — any training
   checkpoint (megatron-core ``dist_checkpointing``, saved at any TP/PP) loaded at TP = PP = 1 in one process
   and written as a Hugging Face directory. Needs the model in host memory once.

@@ -1,5 +1,6 @@
 """Per-step metrics: a jsonl file (one JSON object per step), TensorBoard scalars and histograms, and a
 concise console line. Only the logging rank (global rank 0) writes; other ranks get a no-op logger.
+Also the token-level metrics of the trainer's statistics (:func:`token_metrics`) and device memory.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from typing import Dict, Mapping, Optional
 
 import torch
+
+from megatron_simko.parallel.devices import all_reduce
 
 
 class MetricsLogger:
@@ -68,3 +71,36 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def token_sums(stats, mask: torch.Tensor) -> torch.Tensor:
+    """[3 + K] float64 on the statistics' (trainer) device: (token count, Σ entropy, Σ rank-1 flags,
+    Σ Λ^(1..K) log-probs) over ``mask`` [B, S] (moved to that device). ``stats``: ``trainer.step.PerTokenStats``."""
+    device = stats.entropy.device
+    m = mask.to(device)
+    K = stats.topk_logprob.shape[-1]
+    lam = torch.where(m.unsqueeze(-1), stats.topk_logprob.double(), 0.0).sum(dim=(0, 1))  # [K]
+    head = torch.stack([m.sum(dtype=torch.float64), torch.where(m, stats.entropy.double(), 0.0).sum(),
+                        (stats.is_rank1 & m).sum(dtype=torch.float64)])
+    return torch.cat([head, lam]) if K else head
+
+
+def token_metrics(stats, mask: torch.Tensor, group=None) -> Dict[str, float]:
+    """Entropy, rank-1 fraction and Λ^(k) = mean log-prob of the rank-k candidate over the ``mask`` tokens,
+    summed over ``group`` (e.g. data parallel) before dividing."""
+    sums = all_reduce(token_sums(stats, mask), group=group) if group is not None else token_sums(stats, mask)
+    values = sums.tolist()
+    n = max(values[0], 1.0)
+    out = {"entropy/mean": values[1] / n, "tokens/rank1_fraction": values[2] / n}
+    out.update({f"lambda/{k + 1}": v / n for k, v in enumerate(values[3:])})
+    return out
+
+
+def device_memory_metrics(device: torch.device) -> Dict[str, float]:
+    """Peak accelerator memory of this process so far (GiB), or the peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux

@@ -2,8 +2,8 @@
 
 One RL step, as the loop below runs it (every rank; torchrun provides the ranks):
 
-    prompts ──rollout/ (vLLM, n samples each)──► responses ──rewards/──► R ──advantages──► A
-        ──trainer/ forward-only──► old log-probs (and entropy, Λ^(k), trainer–vLLM mismatch)
+    prompts ──rollout/ (vLLM or transformers, n samples each)──► responses ──rewards/──► R ──advantages──► A
+        ──trainer/ forward-only──► old log-probs (and entropy, Λ^(k), trainer–engine mismatch)
         ──trainer/ train_step × mini-batches × epochs (losses/ SimKO, megatron-core optimizer)──►
         ──rollout/ weight sync (checksum-verified)──► metrics, validation, checkpoint
 
@@ -51,13 +51,20 @@ def check_parallel_config(cfg: Config, arch: ModelArch, world_size: int, on_this
                        ("train.mini_batch_size", cfg.train.mini_batch_size)):
         if value % dp:
             raise ConfigError(f"{key}={value} must be divisible by the data-parallel size {dp}")
-    rollout_tp = cfg.rollout.tensor_parallel or par.tensor_parallel
+    rollout_tp = rollout_tensor_parallel(cfg)
     if world_size % rollout_tp or arch.num_query_groups % rollout_tp:
         raise ConfigError(f"rollout.tensor_parallel={rollout_tp} must divide the world size {world_size} and "
                           f"the KV heads {arch.num_query_groups}")
     if on_this_machine and cfg.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16 needs a GPU; use model.dtype=fp32 on CPU")
     return dp
+
+
+def rollout_tensor_parallel(cfg: Config) -> int:
+    """Ranks per rollout replica: vLLM's TP (default: the trainer's); the transformers backend runs at 1."""
+    if cfg.rollout.backend == "transformers":
+        return 1
+    return cfg.rollout.tensor_parallel or cfg.parallel.tensor_parallel
 
 
 def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> int:
@@ -68,13 +75,14 @@ def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_me
     tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
     counts = parameter_counts(arch, tp)
     total = counts["embedding"] + counts["output"] + counts["layers"] + counts["final_norm"]
-    rollout_tp = cfg.rollout.tensor_parallel or tp
+    rollout_tp = rollout_tensor_parallel(cfg)
     responses = cfg.data.prompts_per_step * cfg.rollout.n_samples
     print(f"config OK: {arch.hf_architecture} ({total / 1e9:.2f} B parameters, vocab {arch.vocab_size} padded to "
           f"{padded_vocab_size(arch.vocab_size, tp)})")
     print(f"layout: {nodes} node(s) × {gpus_per_node} GPUs = {world} ranks = TP {tp} × PP {pp} × DP {dp}"
           + (f" (virtual PP {cfg.parallel.virtual_pipeline_parallel})" if cfg.parallel.virtual_pipeline_parallel else ""))
-    print(f"rollout: {world // rollout_tp} vLLM replicas of TP {rollout_tp}, colocated (sleep mode between phases)")
+    print(f"rollout: {world // rollout_tp} {cfg.rollout.backend} replicas of TP {rollout_tp}, colocated"
+          + (" (sleep mode between phases)" if cfg.rollout.backend == "vllm" else " (a full model copy per rank)"))
     print(f"per step: {cfg.data.prompts_per_step} prompts × n={cfg.rollout.n_samples} = {responses} responses; "
           f"{cfg.data.prompts_per_step // cfg.train.mini_batch_size} optimizer step(s) × {cfg.train.ppo_epochs} "
           f"epoch(s); {cfg.data.prompts_per_step // dp} prompts per DP rank")
@@ -102,8 +110,10 @@ class Components:
     model: list  # DDP-wrapped model chunks
     optimizer: object
     scheduler: object
-    engine: object
+    engine: object  # rollout.RolloutEngine (rollout.backend)
     sync: object
+    stop_token_ids: tuple  # ids that end a response (rollout/stop_tokens.py)
+    guard: object  # trainer.optimizer.BadUpdateGuard: non-finite updates skipped, counted, bounded
     loader: object
     val_prompts: Optional[list]
     scorer: object
@@ -128,9 +138,9 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     from megatron_simko.data.tokenizer import load_tokenizer
     from megatron_simko.parallel import initialize_parallel
     from megatron_simko.rewards import RewardScorer
-    from megatron_simko.rollout import MegatronToVLLMSync, VLLMEngineConfig, VLLMRolloutEngine, WeightSyncConfig
+    from megatron_simko.rollout import MegatronToEngineSync, WeightSyncConfig, build_engine, stop_token_ids
     from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp
-    from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler
+    from megatron_simko.trainer.optimizer import BadUpdateGuard, build_optimizer, build_scheduler
 
     par = cfg.parallel
     layout = initialize_parallel(par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline_parallel,
@@ -154,25 +164,22 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
         else:
             load_hf_into_model(chunk, cfg.model.hf_dir, layout.tp_rank, layout.tp, arch)
     model = wrap_with_ddp(chunks, use_distributed_optimizer=par.use_distributed_optimizer)
-    # Rollout engine (one vLLM worker per rank, SPMD), built before the optimizer state exists: on a GPU
-    # vLLM sizes its memory share at construction.
-    engine = VLLMRolloutEngine(VLLMEngineConfig(
-        model_dir=cfg.model.hf_dir,
-        tensor_parallel=cfg.rollout.tensor_parallel,
-        dtype="float32" if dtype == torch.float32 else "bfloat16",
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
-        cpu_kv_cache_gib=cfg.rollout.kv_cache_gib,
-        seed=cfg.train.seed,
-    ))
+    # Rollout engine on every rank (rollout.backend), built before the optimizer state exists: on a GPU vLLM
+    # sizes its memory share at construction.
+    r = cfg.rollout
+    engine = build_engine(r.backend, cfg.model.hf_dir, dtype=dtype, device=layout.device, seed=cfg.train.seed,
+                          max_model_len=r.max_prompt_length + r.max_response_length, tensor_parallel=r.tensor_parallel,
+                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.kv_cache_gib)
+    stop_ids = stop_token_ids(tokenizer, cfg.model.hf_dir, r.stop_token_ids)
+    log(f"rollout: {r.backend} engine; responses end at token ids {list(stop_ids)}")
     updates_per_step = (cfg.data.prompts_per_step // cfg.train.mini_batch_size) * cfg.train.ppo_epochs
     optimizer = build_optimizer(model, cfg.optimizer, use_distributed_optimizer=par.use_distributed_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, decay_steps=cfg.train.steps * updates_per_step)
 
-    sync = MegatronToVLLMSync(model, arch, engine, WeightSyncConfig(bucket_mb=cfg.rollout.sync_bucket_mb,
-                                                                    verify_every=cfg.rollout.verify_sync_every))
+    sync = MegatronToEngineSync(model, arch, engine, WeightSyncConfig(bucket_mb=r.sync_bucket_mb,
+                                                                      verify_every=r.verify_sync_every))
 
-    # Data: every rank holds the same global prompt batch (rollouts are sharded over vLLM replicas and
+    # Data: every rank holds the same global prompt batch (rollouts are sharded over rollout replicas and
     # gathered back); each DP rank then trains on its contiguous share.
     d = cfg.data
     train_prompts = load_prompts(d.train, "train", size=d.train_size, seed=d.seed, skip_malformed=d.skip_malformed,
@@ -185,8 +192,9 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     scorer = RewardScorer(timeout_s=cfg.data.reward_timeout_s)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.train.log_dir, "checkpoints")
-    return Components(cfg, arch, layout, tokenizer, model, optimizer, scheduler, engine, sync, loader, val_prompts,
-                      scorer, logger=None, ckpt_dir=ckpt_dir)
+    return Components(cfg, arch, layout, tokenizer, model, optimizer, scheduler, engine, sync, stop_ids,
+                      BadUpdateGuard(cfg.train.max_bad_steps), loader, val_prompts, scorer, logger=None,
+                      ckpt_dir=ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------------- one RL step
@@ -212,7 +220,7 @@ def sampling_config(c: Components, step: int, validation: bool = False):
     r = c.cfg.rollout
     return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_response_length,
                           seed=c.cfg.train.seed + (10**6 if validation else 0),
-                          stop_token_ids=(c.tokenizer.eos_id,))
+                          stop_token_ids=c.stop_token_ids)
 
 
 def score_globally(c: Components, results, examples) -> torch.Tensor:
@@ -236,26 +244,6 @@ def score_globally(c: Components, results, examples) -> torch.Tensor:
     return torch.tensor(rewards, dtype=torch.float32)
 
 
-def token_metrics(c: Components, batch, stats) -> Dict[str, float]:
-    """Entropy and Λ^(k) over this DP rank's response tokens, merged over DP (sums / counts)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
-
-    mask = batch.loss_mask
-    K = stats.topk_logprob.shape[-1]
-    sums = torch.zeros(3 + K, dtype=torch.float64)
-    sums[0] = mask.sum()
-    sums[1] = stats.entropy[mask].double().sum()
-    sums[2] = (stats.is_rank1 & mask).sum()
-    for k in range(K):
-        sums[3 + k] = stats.topk_logprob[..., k][mask].double().sum()
-    dist.all_reduce(sums, group=mpu.get_data_parallel_group())
-    n = max(float(sums[0]), 1.0)
-    out = {"entropy/mean": float(sums[1]) / n, "tokens/rank1_fraction": float(sums[2]) / n}
-    out.update({f"lambda/{k + 1}": float(sums[3 + k]) / n for k in range(K)})
-    return out
-
-
 # Loss metrics already logged from the pre-update statistics of the whole batch (entropy/mean, lambda/k, ...).
 _LOGGED_ELSEWHERE = ("loss", "entropy_mean", "rank1_fraction", "num_tokens")
 
@@ -264,6 +252,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron.core import parallel_state as mpu
 
     from megatron_simko.experience import build_experience, rollout_metrics
+    from megatron_simko.metrics import device_memory_metrics, token_metrics
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
     from megatron_simko.rollout.sharding import RolloutLayout
     from megatron_simko.trainer.optimizer import train_step
@@ -274,7 +263,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times: Dict[str, float] = {}
     t = time.perf_counter()
 
-    # 1. rollout: the global prompt batch, n samples each, sharded over vLLM replicas, gathered to all ranks.
+    # 1. rollout: the global prompt batch, n samples each, sharded over rollout replicas, gathered to all ranks.
     examples = c.loader.next_batch()
     prompt_ids = encode_prompts(c, examples)
     results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step),
@@ -290,7 +279,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     metrics = rollout_metrics(rewards, lengths, truncated, n)
     mine = dp_share(results, L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups, contiguous)
     lo = mine[0].prompt_index  # results are in global prompt order
-    batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id)
+    batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id, L.device)
     times["time/reward"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -301,8 +290,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     batch.old_logprob = stats.target_logprob
     metrics.update(logprob_mismatch(stats.target_logprob, batch.rollout_logprob, batch.loss_mask,
                                     group=mpu.get_data_parallel_group()))
-    metrics.update(token_metrics(c, batch, stats))
-    entropy_hist = stats.entropy[batch.loss_mask]
+    metrics.update(token_metrics(stats, batch.loss_mask, group=mpu.get_data_parallel_group()))
+    entropy_hist = stats.entropy[batch.loss_mask].cpu()
     tis = truncated_importance_weights(stats.target_logprob, batch.rollout_logprob, cfg.rollout.tis_cap,
                                        batch.loss_mask)
     if tis is not None:  # loss is linear in A per token: scaling A by w ≥ 0 weights the token's loss by w
@@ -317,12 +306,15 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
         for start in range(0, batch.batch_size, rows_per_mini):
             mini = batch.select(range(start, min(start + rows_per_mini, batch.batch_size)))
             out = train_step(c.model, c.optimizer, c.scheduler, mini, cfg.loss, c.arch.vocab_size,
-                             temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens)
+                             temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens,
+                             guard=c.guard, step=step)
             train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items() if k not in _LOGGED_ELSEWHERE
                                      and not k.startswith("lambda_")},
-                                  "loss/value": out.loss, "grad_norm": out.grad_norm or 0.0, "lr": out.lr})
+                                  "loss/value": out.loss, "grad_norm": out.grad_norm or 0.0, "lr": out.lr,
+                                  "optim/skipped_nonfinite_fraction": float(out.skipped_nonfinite)})
     for key in train_metrics[0]:
         metrics[key] = sum(m[key] for m in train_metrics) / len(train_metrics)
+    metrics["optim/skipped_nonfinite_total"] = float(c.guard.skipped_total)
     times["time/train"] = time.perf_counter() - t
     t = time.perf_counter()
 
@@ -337,6 +329,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     metrics.update(times)
     metrics["time/step"] = step_time
     metrics["throughput/tokens_per_s"] = float(lengths.sum() + sum(len(p) for p in prompt_ids) * n) / step_time
+    metrics.update(device_memory_metrics(L.device))
     metrics["_entropy_hist"] = entropy_hist  # popped by the loop
     return metrics
 

@@ -5,7 +5,9 @@ Imported by tests (CASES, make_inputs, launch) and run as a script, one process 
 Every rank runs all CASES inside one gloo process group (process start-up is the expensive part) and writes
 DIR/rank{R}.json = {case: [failure messages]}. Each rank builds the same full logits from a seed, feeds its
 contiguous vocabulary shard to simko_loss, and compares the loss and its gradient shard with
-reference_simko_loss on the full logits.
+reference_simko_loss on the full logits. check_dp_selection uses the same group as a data-parallel group: each
+rank holds a contiguous row block of one batch, and the KL-Cov / Clip-Cov token selection over the group must
+equal the reference's selection on the whole batch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megatron_simko.losses import SimKOConfig, simko_loss, token_statistics  # noqa: E402
+from megatron_simko.losses.covariance import covariance_selection  # noqa: E402
 from megatron_simko.losses.reference import reference_simko_loss  # noqa: E402
 
 ROWS = 64  # total vocabulary rows (divisible by every TP size tested)
@@ -38,7 +41,11 @@ COMM_C, COMM_D = 3, 4  # forward bound: every collective carries <= COMM_C·K·T
 
 BASE = dict(B=5, L=20, vocab_size=ROWS, top_k=3, temperature=1.0, mode="simko", alpha=0.3, lam=2.0, tau=0.8,
             adv="B", pad_logit=None, spread=False, zero_adv=False, dtype="fp32", chunk_tokens=2048,
-            token_normalizer=None)
+            token_normalizer=None, entropy_coef=0.0, kl_cov_ratio=0.002, clip_cov_ratio=0.0002, clip_cov_lb=1.0,
+            clip_cov_ub=5.0, selection_seed=0)
+# The exploration baselines. Defaults (0.2 % / 0.02 % of ~80 tokens) select one token; the larger fractions and
+# the lower Clip-Cov window select several (cov_t of this fixture is O(1)).
+COV_WIDE = dict(clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=3.0)
 CASES = {
     name: {**BASE, **over} for name, over in {
         "simko_basic": {},
@@ -56,6 +63,19 @@ CASES = {
         "w_reinforce": dict(mode="w_reinforce", adv="BL", temperature=1.3),
         "bf16": dict(dtype="bf16", adv="BL"),
         "bf16_padded_temperature": dict(dtype="bf16", vocab_size=ROWS - 5, pad_logit=20.0, temperature=0.5),
+        "entropy_bonus_simko": dict(entropy_coef=0.05, adv="BL"),  # top-K, target and entropy gradients at once
+        "entropy_bonus_grpo_padded": dict(mode="grpo", entropy_coef=0.1, vocab_size=ROWS - 5, pad_logit=10.0,
+                                          temperature=0.7),
+        "entropy_bonus_chunked": dict(entropy_coef=0.1, chunk_tokens=5, top_k=4, spread=True),
+        "entropy_bonus_bf16": dict(dtype="bf16", entropy_coef=0.1, chunk_tokens=7, vocab_size=ROWS - 5,
+                                   pad_logit=20.0),
+        "kl_cov_defaults": dict(mode="kl_cov"),
+        "kl_cov_wide": dict(mode="kl_cov", adv="BL", kl_cov_ratio=0.1, temperature=1.3, vocab_size=ROWS - 5,
+                            pad_logit=10.0),
+        "clip_cov_defaults": dict(mode="clip_cov", adv="BL"),
+        "clip_cov_wide": dict(mode="clip_cov", adv="BL", selection_seed=7, **COV_WIDE),
+        "entropy_adv": dict(mode="entropy_adv", adv="BL"),
+        "entropy_adv_bonus_bf16": dict(mode="entropy_adv", dtype="bf16", entropy_coef=0.02, adv="BL"),
     }.items()
 }
 
@@ -106,9 +126,12 @@ def make_inputs(case: dict, seed: int = 0):
     return logits, targets, old_logprob, advantages, mask, old_topk
 
 
+LOSS_KEYS = ("entropy_coef", "kl_cov_ratio", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")
+
+
 def config_of(case: dict) -> SimKOConfig:
     return SimKOConfig(mode=case["mode"], top_k=case["top_k"], alpha=case["alpha"], lam=case["lam"],
-                       tau=case["tau"], chunk_tokens=case["chunk_tokens"])
+                       tau=case["tau"], chunk_tokens=case["chunk_tokens"], **{k: case[k] for k in LOSS_KEYS})
 
 
 class CommRecorder:
@@ -172,7 +195,7 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
         rec.phase = "forward"
         loss, metrics = simko_loss(shard, targets, old_logprob, advantages, mask, cfg, tp_group=group,
                                    temperature=T, vocab_size=case["vocab_size"],
-                                   token_normalizer=case["token_normalizer"])
+                                   token_normalizer=case["token_normalizer"], selection_seed=case["selection_seed"])
         rec.phase = "backward"
         loss.backward()
 
@@ -180,7 +203,8 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
     ref_loss, aux = reference_simko_loss(
         ref_logits, targets, old_logprob, advantages, mask, mode=case["mode"], top_k=case["top_k"],
         alpha=case["alpha"], lam=case["lam"], tau=case["tau"], temperature=T, vocab_size=case["vocab_size"],
-        old_topk_logprob=old_topk, token_normalizer=case["token_normalizer"])
+        old_topk_logprob=old_topk, token_normalizer=case["token_normalizer"], selection_seed=case["selection_seed"],
+        **{k: case[k] for k in LOSS_KEYS})
     ref_loss.backward()
     ref_grad = ref_logits.grad[..., rank * v_local:(rank + 1) * v_local]
 
@@ -203,7 +227,8 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
     expected = {"num_tokens": float(mask.sum()), "entropy_mean": (aux["entropy"] * mask).sum().item() / n,
                 "high_entropy_fraction": aux["w"].sum().item() / n,
                 "lam_fraction": aux["lam_applied"].sum().item() / n,
-                "clip_fraction": (clipped & mask).sum().item() / n,
+                "clip_fraction": (clipped & mask).sum().item() / n if case["mode"] != "kl_cov" else 0.0,
+                "cov_selected_fraction": aux["selected"].sum().item() / n,
                 **{f"lambda_{k + 1}": (aux["topk_logp"][..., k].detach() * mask).sum().item() / n
                    for k in range(case["top_k"])}}
     for key, value in expected.items():
@@ -230,8 +255,18 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
 
     # The case must exercise what it claims to (guards against a silently degenerate fixture).
     if not case["zero_adv"]:
-        if metrics["clip_fraction"] == 0:
+        if metrics["clip_fraction"] == 0 and case["mode"] != "kl_cov":
             failures.append("fixture: no token is clipped")
+        if case["mode"] in ("kl_cov", "clip_cov") and not aux["selected"].any():
+            failures.append("fixture: the covariance selection is empty")
+        if case["mode"] == "clip_cov" and case["clip_cov_ratio"] > 0.01 and aux["selected"].sum() < 2:
+            failures.append("fixture: the wide Clip-Cov case selects fewer than 2 tokens")
+        if case["mode"] == "entropy_adv":  # both branches of min(α·H, |A|/κ) must occur
+            A_in = torch.where(mask, advantages if advantages.dim() == 2 else advantages[:, None].expand_as(mask), 0.0)
+            by_entropy = mask & (cfg.entropy_adv_alpha * aux["entropy"] < A_in.abs() / cfg.entropy_adv_kappa)
+            by_cap = mask & (A_in != 0) & ~by_entropy
+            if not (by_entropy.any() and by_cap.any()):
+                failures.append("fixture: Entropy-Adv does not exercise both branches of the min")
         if case["mode"] == "simko" and not (metrics["lam_fraction"] > 0 and metrics["topk_credit_fraction"] > 0):
             failures.append("fixture: no λ-scaled or no top-K-credit token")
     if case["spread"] and world > 1:
@@ -256,6 +291,36 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
         torch.distributed.all_gather_object(every, metrics, group=group)
         if any(m_ != every[0] for m_ in every):
             failures.append("metrics differ across TP ranks")
+    return failures
+
+
+def check_dp_selection(rank: int, world: int, group) -> list[str]:
+    """KL-Cov / Clip-Cov selection over a data-parallel group == the reference's selection on the whole batch.
+
+    Rank r holds a contiguous block of rows (uneven blocks; at TP 4 one rank holds only an empty response), the
+    group gathers the statistics, and the union of the ranks' selections must equal the single-device one.
+    """
+    failures = []
+    case = {**BASE, **COV_WIDE, "adv": "BL", "kl_cov_ratio": 0.1, "B": 7, "L": 16}
+    logits, targets, old_logprob, advantages, mask, _ = make_inputs(case, seed=3)
+    bounds = {1: [0, 7], 2: [0, 3, 7], 4: [0, 2, 3, 4, 7]}[world]  # rows 2 (empty) and 3 (one token) alone at 4
+    rows = slice(bounds[rank], bounds[rank + 1])
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    logp, old = torch.where(mask, logp, 0.0), torch.where(mask, old_logprob, 0.0)
+    for mode in ("kl_cov", "clip_cov"):
+        cfg = SimKOConfig(mode=mode, **{k: case[k] for k in LOSS_KEYS})
+        mine = covariance_selection(mode, advantages[rows], logp[rows], old[rows], mask[rows], cfg, group=group,
+                                    seed=11)
+        every = [None] * world
+        torch.distributed.all_gather_object(every, mine)
+        union = torch.cat(every)
+        _, aux = reference_simko_loss(logits, targets, old_logprob, advantages, mask, mode=mode, selection_seed=11,
+                                      **{k: case[k] for k in LOSS_KEYS})
+        if not aux["selected"].any() or aux["selected"].sum() < 2:
+            failures.append(f"{mode}: fixture selects fewer than 2 tokens")
+        if not torch.equal(union, aux["selected"]):
+            failures.append(f"{mode}: DP selection {union.nonzero().tolist()} != reference "
+                            f"{aux['selected'].nonzero().tolist()}")
     return failures
 
 
@@ -288,6 +353,7 @@ def main():
     for name, case in CASES.items():
         results[name] = check_case(name, case, a.rank, a.world, group)
     results["errors"] = check_errors(a.rank, a.world, group)
+    results["dp_selection"] = check_dp_selection(a.rank, a.world, group)
     results["_seconds"] = time.time() - t0
     with open(os.path.join(a.out, f"rank{a.rank}.json"), "w") as f:
         json.dump(results, f)

@@ -3,7 +3,8 @@ import pytest
 
 from megatron_simko.config import Config, ConfigError, config_from_dict, load_config, save_config
 
-EXAMPLES = ["simko_qwen7b", "grpo_qwen7b", "psr_qwen7b", "nsr_qwen7b", "w_reinforce_qwen7b", "simko_llama3b"]
+EXAMPLES = ["simko_qwen7b", "grpo_qwen7b", "psr_qwen7b", "nsr_qwen7b", "w_reinforce_qwen7b", "simko_llama3b",
+            "kl_cov_qwen7b", "clip_cov_qwen7b", "entropy_adv_qwen7b"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -18,6 +19,24 @@ def test_paper_settings_in_the_7b_config():
     assert (cfg.optimizer.lr, cfg.optimizer.lr_schedule) == (1e-6, "constant")
     assert (cfg.rollout.n_samples, cfg.data.prompts_per_step, cfg.train.mini_batch_size) == (8, 1024, 256)
     assert (cfg.rollout.max_response_length, cfg.rollout.temperature) == (3072, 1.0)
+
+
+def test_exploration_baselines_carry_their_authors_settings():
+    """KL-Cov / Clip-Cov: PRIME-RL/Entropy-Mechanism-of-RL 7B recipes; Entropy-Adv: arXiv 2506.14758 (GRPO);
+    GRPO: the SimKO authors' script keeps verl's entropy bonus 0.001. Everything else as simko_qwen7b.yaml."""
+    simko = load_config("examples/configs/simko_qwen7b.yaml")
+    kl = load_config("examples/configs/kl_cov_qwen7b.yaml").loss
+    clip = load_config("examples/configs/clip_cov_qwen7b.yaml").loss
+    adv = load_config("examples/configs/entropy_adv_qwen7b.yaml").loss
+    assert (kl.kl_cov_ratio, kl.kl_cov_coef, kl.entropy_coef) == (0.002, 1.0, 0.0)
+    assert (clip.clip_cov_ratio, clip.clip_cov_lb, clip.clip_cov_ub, clip.clip_low, clip.clip_high) == (
+        0.0002, 1.0, 5.0, 1.0, 1.0)
+    assert (adv.entropy_adv_alpha, adv.entropy_adv_kappa, adv.clip_low) == (0.4, 2.0, 0.2)
+    assert load_config("examples/configs/grpo_qwen7b.yaml").loss.entropy_coef == 0.001
+    for name in ("kl_cov", "clip_cov", "entropy_adv", "grpo"):
+        cfg = load_config(f"examples/configs/{name}_qwen7b.yaml")
+        for section in ("optimizer", "rollout", "data", "parallel", "model"):
+            assert getattr(cfg, section) == getattr(simko, section), (name, section)
 
 
 def test_overrides_are_typed():

@@ -6,6 +6,7 @@ import torch
 
 from loss_dist_worker import BASE, FP32_TOL, make_inputs
 from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
+from megatron_simko.losses.covariance import covariance_selection, top_covariance_tokens
 from megatron_simko.losses.reference import reference_simko_loss
 from megatron_simko.losses.simko import high_entropy_mask, simko_gamma
 
@@ -149,6 +150,69 @@ def test_token_normalizer_and_merge_metrics_over_micro_batches():
     assert full_metrics["pg_loss"] == pytest.approx(full_metrics["loss"], rel=1e-6)
 
 
+def test_entropy_gradient_alone_matches_autograd():
+    """∂H/∂z_j = −π_j (log π_j + H), /T for the logits, from the entropy output alone (no β terms), with padding
+    rows, temperature and chunking; against autograd of −Σ p log p over the real vocabulary."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 7, 40, generator=g) * 2
+    targets = torch.randint(0, 35, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)
+    x = logits.clone().requires_grad_()
+    (token_statistics(x, targets, 2, None, 0.7, 35, chunk_tokens=4).entropy * weights).sum().backward()
+    y = logits.clone().requires_grad_()
+    logp = torch.log_softmax(y[..., :35] / 0.7, -1)
+    (-(logp.exp() * logp).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, **FP32_TOL)
+    assert not x.grad[..., 35:].any()
+
+
+def test_entropy_bonus_lowers_the_loss_by_coef_times_mean_entropy():
+    logits, targets, old, adv, mask = inputs(seed=8, adv="BL")
+    base_loss, base_grad, base_m = run(logits, targets, old, adv, mask, SimKOConfig(alpha=0.3))
+    loss, grad, m = run(logits, targets, old, adv, mask, SimKOConfig(alpha=0.3, entropy_coef=0.1))
+    assert loss.item() == pytest.approx(base_loss.item() - 0.1 * m["entropy_mean"], rel=1e-6)
+    assert m["pg_loss"] == base_m["pg_loss"] and m["high_entropy_fraction"] == base_m["high_entropy_fraction"]
+    assert not torch.equal(grad, base_grad)  # the bonus reaches the logits (SimKO's gate w stays detached)
+
+
+@pytest.mark.parametrize("mode", ["kl_cov", "clip_cov"])
+def test_covariance_selection_carried_into_micro_batches(mode):
+    """The trainer's path: one selection over the whole batch, passed to each micro-batch (shared normaliser),
+    gives exactly the single call's loss and gradient — the split does not change which tokens are chosen."""
+    logits, targets, old, adv, mask = inputs(seed=9, adv="BL")
+    cfg = SimKOConfig(mode=mode, kl_cov_ratio=0.1, clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=3.0)
+    full_loss, full_grad, full_m = run(logits, targets, old, adv, mask, cfg, selection_seed=3)
+    with torch.no_grad():
+        logp = token_statistics(logits, targets, 3, mask=mask).target_logprob
+    sel = covariance_selection(mode, torch.where(mask, adv, 0.0), torch.where(mask, logp, 0.0),
+                               torch.where(mask, old, 0.0), mask, cfg, seed=3)
+    assert sel.sum() >= 2 and full_m["cov_selected_fraction"] == sel.sum().item() / mask.sum().item()
+    n = float(mask.sum())
+    parts = [slice(0, 1), slice(1, 4), slice(4, 5)]
+    micro = [run(logits[s], targets[s], old[s], adv[s], mask[s], cfg, token_normalizer=n, cov_selected=sel[s])
+             for s in parts]
+    torch.testing.assert_close(sum(m[0] for m in micro), full_loss, **FP32_TOL)
+    torch.testing.assert_close(torch.cat([m[1] for m in micro]), full_grad, **FP32_TOL)
+
+
+def test_kl_cov_ties_go_to_the_earlier_token():
+    cov = torch.tensor([[0.5, 2.0, 2.0, 0.1], [2.0, 2.0, 3.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    # valid tokens in row-major order: 0.5, 2.0, 2.0, 0.1, 2.0 (row 1, col 1), 3.0, -1.0 → k = 3: 3.0 then the
+    # two earliest 2.0s
+    chosen = top_covariance_tokens(cov, mask, 3 / 7)
+    assert chosen.tolist() == [[False, True, True, False], [False, False, True, False]]
+
+
+def test_entropy_adv_shapes_positive_and_negative_advantages_upward_without_flipping():
+    logits, targets, old, adv, mask = inputs(seed=10, adv="BL")
+    _, aux = reference_simko_loss(logits, targets, old, adv, mask, mode="entropy_adv")
+    A = torch.where(mask, adv, 0.0)
+    shaped = aux["advantages"]
+    assert torch.equal(torch.sign(shaped[A != 0]), torch.sign(A[A != 0]))
+    assert (shaped >= A).all() and ((shaped - A) <= A.abs() / 2 + 1e-7).all()
+
+
 def test_empty_mask_gives_zero_loss_and_gradient():
     logits, targets, old, adv, mask = inputs()
     loss, grad, metrics = run(logits, targets, old, adv, torch.zeros_like(mask), SimKOConfig())
@@ -158,7 +222,9 @@ def test_empty_mask_gives_zero_loss_and_gradient():
 
 @pytest.mark.parametrize("field, value", [
     ("mode", "ppo"), ("top_k", 0), ("top_k", 2.0), ("alpha", -0.1), ("alpha", 1.5), ("lam", 0.0),
-    ("tau", 1.2), ("clip_low", -0.1), ("clip_high", -1.0), ("chunk_tokens", 0)])
+    ("tau", 1.2), ("clip_low", -0.1), ("clip_high", -1.0), ("chunk_tokens", 0), ("entropy_coef", -0.1),
+    ("entropy_coef", float("nan")), ("kl_cov_ratio", 0.0), ("clip_cov_ratio", 1.5), ("kl_cov_coef", -1.0),
+    ("clip_cov_lb", 6.0), ("entropy_adv_alpha", -0.4), ("entropy_adv_kappa", 0.0)])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SimKOConfig(**{field: value})
@@ -182,6 +248,7 @@ BAD_INPUTS = {  # expected message fragment: (input overrides from the valid inp
     "larger than the real vocabulary": (lambda *_: {}, dict(vocab_size=2)),
     "tp_group": (lambda *_: {}, dict(vocab_size=65)),
     "token_normalizer": (lambda *_: {}, dict(token_normalizer=0.0)),
+    "cov_selected must be": (lambda *_: {}, dict(cov_selected=torch.ones(5, 3, dtype=torch.bool))),
     "temperature": (lambda *_: {}, dict(temperature=0.0)),
 }
 
@@ -193,7 +260,8 @@ def test_input_errors_name_the_problem(message):
     args = {**dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask),
             **build(targets, mask, old, adv, logits)}
     with pytest.raises(ValueError, match=message):
-        simko_loss(args["logits"], args["targets"], args["old"], args["adv"], args["mask"], SimKOConfig(), **kw)
+        cfg = SimKOConfig(mode="kl_cov") if "cov_selected" in kw else SimKOConfig()
+        simko_loss(args["logits"], args["targets"], args["old"], args["adv"], args["mask"], cfg, **kw)
 
 
 def test_out_of_range_target_is_fine_where_masked_out():

@@ -81,9 +81,9 @@ def test_kernels_compile_for_hopper():
 @needs_triton
 @pytest.mark.slow
 def test_parallel_equivalence_tool_with_triton_backend(tmp_path, monkeypatch):
-    """tools/check_parallel_equivalence.py --loss-backend triton (interpreted): TP2×PP2 ≡ one device."""
+    """tools/check_parallel_equivalence.py --loss backend=triton (interpreted; with an entropy bonus): TP2×PP2 ≡ one device."""
     from test_parallel_equivalence import REQUIRED_ROWS, run_tool
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "2", "--loss-backend", "triton")
+    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "2", "--loss", "backend=triton", "--loss", "entropy_coef=0.01")
     assert REQUIRED_ROWS <= set(rows) and all(r["passed"] for r in rows.values()), table

@@ -17,7 +17,7 @@ def tp_results(request, tmp_path_factory):
     return tp, worker.launch(tp, str(tmp_path_factory.mktemp(f"loss_tp{tp}")))
 
 
-@pytest.mark.parametrize("case", list(worker.CASES) + ["errors"])
+@pytest.mark.parametrize("case", list(worker.CASES) + ["errors", "dp_selection"])
 def test_matches_reference(tp_results, case):
     tp, results = tp_results
     failures = results.get(case)

@@ -49,6 +49,34 @@ def test_layout_equals_single_device_fp32(tmp_path, layout):
             assert row["tolerance"] <= 1e-6, table
 
 
+COV = ["--loss", "kl_cov_ratio=0.2", "--loss", "clip_cov_ratio=0.2", "--loss", "clip_cov_lb=0.0"]  # select several
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    pytest.param(["--tp", "2", "--pp", "2", "--loss", "mode=kl_cov", *COV], id="tp2xpp2-kl_cov"),
+    pytest.param(["--tp", "2", "--pp", "2", "--loss", "mode=clip_cov", "--loss", "entropy_coef=0.05", *COV],
+                 id="tp2xpp2-clip_cov-entropy_bonus"),
+    pytest.param(["--tp", "2", "--pp", "2", "--loss", "mode=entropy_adv"], id="tp2xpp2-entropy_adv"),
+    pytest.param(["--tp", "2", "--pp", "2", "--loss", "entropy_coef=0.1"], id="tp2xpp2-simko-entropy_bonus"),
+    # DP2 + token-budget packing vs one device with equal splits: the covariance selection is over the whole
+    # mini-batch, so neither the DP share nor the micro-batch split may change the chosen tokens.
+    pytest.param(["--tp", "1", "--pp", "1", "--dp", "2", "--max-tokens", "24", "--loss", "mode=kl_cov", *COV],
+                 id="dp2-token-budget-kl_cov"),
+    pytest.param(["--tp", "1", "--pp", "1", "--dp", "2", "--max-tokens", "24", "--loss", "mode=clip_cov", *COV],
+                 id="dp2-token-budget-clip_cov"),
+])
+def test_exploration_baselines_equal_single_device(tmp_path, layout):
+    rows, table = run_tool(tmp_path, *layout)
+    assert REQUIRED_ROWS <= set(rows), table
+    if "mode=kl_cov" in layout or "mode=clip_cov" in layout:
+        assert rows["covariance-selected tokens (count diff)"]["compared"] >= 2, table
+    for name, row in rows.items():
+        assert row["passed"] and row["compared"] > 0, table
+        if name != "grad norm (megatron clip_grads, fp32)":
+            assert row["tolerance"] <= 1e-6, table
+
+
 @pytest.mark.slow
 def test_distributed_optimizer_dp2_params_after_step(tmp_path):
     """Reduce-scatter + sharded Adam + all-gather gives the single-device parameters (gradients are sharded,

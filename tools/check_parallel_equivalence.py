@@ -4,7 +4,7 @@ the parameters after one optimizer step.
 
     python tools/check_parallel_equivalence.py --tp 2 --pp 2 [--dp 1] [--vpp N] [--model-config PATH]
                                                [--dtype fp32|bf16] [--seed 1234] [--distributed-optimizer]
-                                               [--loss-backend auto|torch|triton]
+                                               [--loss mode=kl_cov --loss entropy_coef=0.01 ...]
 
 One command, two phases:
   1. reference (this process, one device: TP1 PP1 DP1, a private one-process gloo group): builds the model
@@ -14,6 +14,9 @@ One command, two phases:
      into its shard (global layer = local + stage offset; TP slices; SwiGLU's fc1 sliced per half; the
      vocabulary padding rows of the larger TP padding left alone), runs the same step on its DP share of the
      batch, and compares its shard of every quantity with the reference's slice.
+The loss is SimKO with the defaults of SimKOConfig (top_k 3) unless ``--loss KEY=VALUE`` (repeatable) sets
+SimKOConfig fields, e.g. another mode or an entropy bonus. KL-Cov / Clip-Cov select tokens over the whole
+mini-batch (trainer/step.py), so the single device and every layout must select the same tokens.
 Prints a table (quantity, max abs diff, tolerance, pass/fail) and exits 1 on any failure (2 on bad arguments).
 """
 from __future__ import annotations
@@ -141,16 +144,32 @@ def finish_setup(chunks, optim, distributed_optimizer: bool):
     return chunks, optimizer, build_scheduler(optimizer, optim)
 
 
-def run_step(chunks, optimizer, scheduler, arch, batch, backend, num_microbatches=None, max_tokens=None):
-    """Statistics (forward-only), then one train step; returns (stats, step output, {name: grad}).
-    Micro-batches: ``num_microbatches`` equal splits, or token-budget packing with ``max_tokens``.
-    ``backend``: the loss backend (SimKOConfig.backend), the same in both phases."""
+def loss_config(overrides):
+    """SimKOConfig(top_k=TOP_K) with ``KEY=VALUE`` overrides (values parsed as YAML scalars)."""
+    import yaml
+
     from megatron_simko.losses import SimKOConfig
+
+    fields = {"top_k": TOP_K}
+    for item in overrides or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--loss {item!r} is not of the form KEY=VALUE (a SimKOConfig field)")
+        fields[key.strip()] = yaml.safe_load(value)
+    try:
+        return SimKOConfig(**fields)
+    except TypeError as e:
+        raise ValueError(f"--loss: {e}") from None
+
+
+def run_step(chunks, optimizer, scheduler, arch, batch, loss_cfg, num_microbatches=None, max_tokens=None):
+    """Statistics (forward-only), then one train step; returns (stats, step output, {name: grad}).
+    Micro-batches: ``num_microbatches`` equal splits, or token-budget packing with ``max_tokens``."""
     from megatron_simko.trainer.optimizer import train_step
     from megatron_simko.trainer.step import compute_token_stats
 
     stats = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=num_microbatches,
-                                max_tokens=max_tokens, backend=backend)
+                                max_tokens=max_tokens, backend=loss_cfg.backend)
     grads = {}
 
     def grab(model_chunks):
@@ -159,7 +178,7 @@ def run_step(chunks, optimizer, scheduler, arch, batch, backend, num_microbatche
                 # a copy: on the CPU .float().cpu() would alias main_grad, which clipping then scales in place
                 grads[(c, name)] = p.main_grad.detach().to("cpu", torch.float32, copy=True)
 
-    out = train_step(chunks, optimizer, scheduler, batch, SimKOConfig(top_k=TOP_K, backend=backend), arch.vocab_size,
+    out = train_step(chunks, optimizer, scheduler, batch, loss_cfg, arch.vocab_size,
                      num_microbatches=num_microbatches, max_tokens=max_tokens, grad_hook=grab)
     return stats, out, grads
 
@@ -191,11 +210,11 @@ def reference(args, arch: ModelArch, path: str) -> None:
     global_batch = MICRO_BATCH_SIZE * MICROBATCHES_PER_DP_RANK * args.dp
     batch = make_batch(arch, global_batch, args.seed)
     first = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=1,
-                                backend=args.loss_backend)
+                                backend=loss_config(args.loss).backend)
     g = torch.Generator().manual_seed(args.seed + 2)
     batch.old_logprob = first.target_logprob.cpu() + 0.3 * torch.randn(first.target_logprob.shape, generator=g)
 
-    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
+    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, loss_config(args.loss),
                                  num_microbatches=MICROBATCHES_PER_DP_RANK * args.dp)
     params = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in chunks[0].module.named_parameters()}
     tmp = path + ".tmp"
@@ -320,12 +339,11 @@ def worker(args) -> int:
     batch = full.select(rows)
     batch = RLBatch(tokens=batch.tokens, loss_mask=batch.loss_mask, old_logprob=batch.old_logprob,
                     advantages=batch.advantages, lengths=batch.lengths)  # fresh indices 0..per_rank−1
+    loss_cfg = loss_config(args.loss)
     if args.max_tokens:
-        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
-                                     max_tokens=args.max_tokens)
+        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, loss_cfg, max_tokens=args.max_tokens)
     else:
-        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, args.loss_backend,
-                                     MICROBATCHES_PER_DP_RANK)
+        stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, loss_cfg, MICROBATCHES_PER_DP_RANK)
 
     # 3. Compare shards.
     cmp = Comparison(TOLERANCES[args.dtype])
@@ -348,6 +366,11 @@ def worker(args) -> int:
         mismatch = ids_differ.sum() + rank1_differ.sum()
         cmp.add("top-K ids, rank-1 flags (mismatches)", None, float(mismatch), int(valid.sum()))
     cmp.scalar("SimKO loss", "loss", out.loss, ref["loss"])
+    if loss_cfg.mode in ("kl_cov", "clip_cov"):  # same tokens chosen over the whole mini-batch; none chosen = FAIL
+        def chosen(metrics):
+            return round(metrics["cov_selected_fraction"] * metrics["num_tokens"])
+        diff = float(abs(chosen(out.metrics) - chosen(ref["metrics"])))
+        cmp.add("covariance-selected tokens (count diff)", None, diff, chosen(ref["metrics"]) if layout.rank == 0 else 0)
     cmp.scalar("grad norm (megatron clip_grads, fp32)", "grad_norm_fp32", out.grad_norm, ref["grad_norm"])
     skip_grads = args.distributed_optimizer and layout.dp > 1  # main_grad holds only this rank's shard
     if not skip_grads:
@@ -390,11 +413,13 @@ def report(args, cmp, covered, expected, skip_grads, layout, dist, mpu, destroy_
     title = (f"parallel equivalence: TP{args.tp} × PP{args.pp}" + (f" (VPP{args.vpp})" if args.vpp else "")
              + f" × DP{args.dp} vs one device, {args.dtype}"
              + (", distributed optimizer" if args.distributed_optimizer else "")
-             + (f", token-budget micro-batches (≤ {args.max_tokens} tokens)" if args.max_tokens else ""))
+             + (f", token-budget micro-batches (≤ {args.max_tokens} tokens)" if args.max_tokens else "")
+             + (f", loss {' '.join(args.loss)}" if args.loss else ""))
     lines.append(title)
     lines.append("err = |parallel − reference| / max(1, |reference|); top-K ids: count of mismatches")
     lines.append(f"{'quantity':40s} {'max err':>13s} {'tolerance':>10s} {'compared':>9s}  result")
     order = ["token log-prob", "entropy", "top-K log-probs", "top-K ids, rank-1 flags (mismatches)", "SimKO loss",
+             "covariance-selected tokens (count diff)",
              "gradients", "grad norm (float64 recomputation)", "grad norm (megatron clip_grads, fp32)",
              "params after one Adam step"]
     for q, (diff, key, count, item) in sorted(rows.items(), key=lambda kv: order.index(kv[0])):
@@ -436,11 +461,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--distributed-optimizer", action="store_true")
-    p.add_argument("--loss-backend", choices=["auto", "torch", "triton"], default="auto",
-                   help="SimKOConfig.backend for both phases (triton on CPU needs TRITON_INTERPRET=1)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="parallel run: token-budget micro-batches of ≤ N padded tokens (count agreed over DP) "
                         "instead of equal splits; the reference keeps equal splits")
+    p.add_argument("--loss", action="append", default=[], metavar="KEY=VALUE",
+                   help="a SimKOConfig field for the loss (repeatable), e.g. mode=kl_cov, entropy_coef=0.01 or "
+                        "backend=triton (on CPU with TRITON_INTERPRET=1)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reference", default=None, help=argparse.SUPPRESS)
@@ -458,6 +484,7 @@ def main(argv=None) -> int:
             raise ValueError("--vpp needs --pp ≥ 2")
         arch = make_arch(args)
         validate_parallelism(arch, args.tp, args.pp, args.vpp)
+        loss_config(args.loss)
         if args.max_tokens is not None and args.max_tokens < 20:
             raise ValueError("--max-tokens must be ≥ 20 (the longest sequence of the check's batch)")
         if args.vpp and args.max_tokens:
@@ -475,12 +502,14 @@ def main(argv=None) -> int:
         result_path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
                f"--master-port={free_port()}", os.path.abspath(__file__), "--worker", "--reference", ref_path]
-        for flag in ("tp", "pp", "dp", "vpp", "model_config", "dtype", "seed", "max_tokens", "loss_backend"):
+        for flag in ("tp", "pp", "dp", "vpp", "model_config", "dtype", "seed", "max_tokens"):
             value = getattr(args, flag)
             if value is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]
         if args.distributed_optimizer:
             cmd.append("--distributed-optimizer")
+        for item in args.loss:
+            cmd += ["--loss", item]
         cmd += ["--json", result_path]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         t0 = time.time()

@@ -169,7 +169,7 @@ def response_logprobs(model, seqs, pad_id: int):
     """Sum of log p(response token) per sequence, (B,), and the mean per-token loss (scalar)."""
     import torch
 
-    input_ids, attn, labels = pad_batch(seqs, pad_id)
+    input_ids, attn, labels = (t.to(model.device) for t in pad_batch(seqs, pad_id))  # also on a GPU (gpu_smoke)
     logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V); t predicts t+1
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != -100

@@ -52,6 +52,23 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
+    def end_of_turn_id(self) -> int | None:
+        """The special token the chat rendering puts right after an assistant message (ChatML: <|im_end|>,
+        Llama 3: <|eot_id|>): where a chat model's response ends. None if that is not one special token."""
+        mark = "\u2063END-OF-TURN-PROBE\u2063"
+        try:
+            text = self.apply_chat([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}],
+                                   add_generation_prompt=False)
+        except Exception:  # a template that refuses this conversation: no end-of-turn token known
+            return None
+        if mark not in text:
+            return None
+        after = text.split(mark, 1)[1]
+        ids = self.encode(after)[:1] if after else []
+        if not ids or self.decode(ids, skip_special_tokens=True) != "":
+            return None  # ends in plain text (or nothing): no single special token to stop at
+        return int(ids[0])
+
 
 class HFTokenizer(Tokenizer):
     """A local Hugging Face tokenizer folder (never a hub id)."""

@@ -21,6 +21,15 @@ Baseline modes (GRPO family: same clipped-ratio loss with γ = r; α and λ are 
     w_reinforce  A ← 0.1·A where A > 0, A where A < 0 ("The Surprising Effectiveness of Negative
                  Reinforcement"), still through the clipped ratio
 "simko" with alpha = 0 and lam = 1 reproduces "grpo" exactly (bitwise).
+
+The exploration baselines of the SimKO paper (γ = r; α and λ ignored; defaults: SimKOConfig):
+    kl_cov       no ratio clipping; loss_t = −A r + β |log r| on the tokens `covariance.py` selects (the
+                 kl_cov_ratio fraction of largest cov_t = (A − Ā)(log π − mean log π)), −A r elsewhere
+    clip_cov     the clipped loss, except loss_t = 0 on a random clip_cov_ratio fraction of the unclipped tokens
+                 with clip_cov_lb < cov_t < clip_cov_ub (`covariance.py`)
+    entropy_adv  A ← A + min(α_H · sg(H), |A| / κ)  ("Reasoning with Exploration: An Entropy Perspective")
+Any mode: entropy_coef > 0 subtracts entropy_coef · (token mean of H) with H differentiable (the vocab-parallel
+backward carries ∂H/∂z); entropy_coef = 0 leaves the loss and its gradient bitwise unchanged.
 """
 from __future__ import annotations
 
@@ -31,9 +40,11 @@ from typing import Iterable, Optional
 import torch
 
 from .triton_kernels import BACKENDS
+from .covariance import covariance_selection
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, TokenStats, token_statistics
 
-MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce")
+MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce", "kl_cov", "clip_cov", "entropy_adv")
+COVARIANCE_MODES = ("kl_cov", "clip_cov")  # modes whose token selection needs population statistics
 W_REINFORCE_POSITIVE_WEIGHT = 0.1
 
 
@@ -46,6 +57,17 @@ class SimKOConfig:
     any λ > 0 accepted). tau: τ, per-response entropy quantile. clip_low/clip_high: ε_low/ε_high.
     chunk_tokens: tokens per chunk of the vocab-parallel kernel (bounds its fp32 [chunk, V_local] buffer).
     backend: "auto" (Triton kernels on CUDA when Triton imports, else torch), "torch" or "triton".
+
+    entropy_coef (any mode): loss −= entropy_coef · token-mean H. 0 = off (SimKO's and the KL/Clip-Cov recipes'
+    setting; the SimKO authors' GRPO baseline for Qwen2.5-Math-7B uses verl's 0.001).
+    kl_cov_ratio, kl_cov_coef: the fraction of valid tokens with the |log r| penalty and its weight β. Defaults: the
+    authors' Qwen2.5-7B recipe (PRIME-RL/Entropy-Mechanism-of-RL recipe/dapo/7b_kl_cov.sh: k_percent=0.2, i.e.
+    0.2 %, ppo_kl_coef=1; their 32B recipe uses 0.02 %).
+    clip_cov_ratio, clip_cov_lb, clip_cov_ub: the fraction of valid tokens whose loss Clip-Cov zeroes, drawn from
+    the unclipped tokens with lb < cov < ub. Defaults: the same repository's 7b_clip_cov.sh (clip_cov_ratio=0.0002,
+    lb=1, ub=5), which also sets the PPO range clip_low = clip_high = 1 (examples/configs/clip_cov_qwen7b.yaml).
+    entropy_adv_alpha, entropy_adv_kappa: α_H and κ of Entropy-Adv, the paper's GRPO setting (arXiv 2506.14758:
+    α = 0.4, κ = 2; it uses α = 0.1 with PPO).
     """
 
     mode: str = "simko"
@@ -57,6 +79,14 @@ class SimKOConfig:
     clip_high: float = 0.2
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     backend: str = "auto"
+    entropy_coef: float = 0.0
+    kl_cov_ratio: float = 0.002
+    kl_cov_coef: float = 1.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    entropy_adv_alpha: float = 0.4
+    entropy_adv_kappa: float = 2.0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -77,6 +107,20 @@ class SimKOConfig:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {self.chunk_tokens!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not (0.0 <= self.entropy_coef < math.inf):
+            raise ValueError(f"entropy_coef must be a finite number >= 0, got {self.entropy_coef!r}")
+        for name in ("kl_cov_ratio", "clip_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] (a fraction of the valid tokens), "
+                                 f"got {getattr(self, name)!r}")
+        if not self.kl_cov_coef >= 0.0:
+            raise ValueError(f"kl_cov_coef must be >= 0, got {self.kl_cov_coef!r}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb!r} >= {self.clip_cov_ub!r}")
+        if not self.entropy_adv_alpha >= 0.0:
+            raise ValueError(f"entropy_adv_alpha must be >= 0, got {self.entropy_adv_alpha!r}")
+        if not self.entropy_adv_kappa > 0.0:
+            raise ValueError(f"entropy_adv_kappa must be > 0, got {self.entropy_adv_kappa!r}")
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
@@ -95,6 +139,12 @@ def mode_advantages(advantages: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "w_reinforce":
         return torch.where(advantages > 0, W_REINFORCE_POSITIVE_WEIGHT * advantages, advantages)
     return advantages
+
+
+def entropy_advantage_bonus(advantages: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, alpha: float,
+                            kappa: float) -> torch.Tensor:
+    """Entropy-Adv's ψ = min(α·sg(H), |A|/κ) [B, L], 0 where masked (A' = A + ψ; ψ ≥ 0 never flips A's sign)."""
+    return torch.where(mask, torch.minimum(alpha * entropy.detach(), advantages.abs() / kappa), 0.0)
 
 
 def simko_gamma(logp, topk_logprob, old_logprob, alpha_w):
@@ -125,14 +175,18 @@ def _check_inputs(logits, targets, old_logprob, advantages, mask):
 
 def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, cfg: SimKOConfig, tp_group=None, temperature: float = 1.0,
-               vocab_size: Optional[int] = None, *, token_normalizer: Optional[float] = None):
+               vocab_size: Optional[int] = None, *, token_normalizer: Optional[float] = None,
+               cov_selected: Optional[torch.Tensor] = None, selection_seed: int = 0):
     """SimKO (or baseline) policy loss on this rank's vocabulary shard; see the module docstring.
 
     Args: logits [B, L, V_local] (global ids [r·V_local, (r+1)·V_local) on TP rank r; never modified),
     targets [B, L] int64 global ids, old_logprob [B, L], advantages [B] or [B, L], mask [B, L] bool,
     tp_group (None: one device, full vocab), temperature (z = logits / T), vocab_size (ids ≥ it are padding
     rows), token_normalizer (keyword-only: if given, loss = Σ_mask loss_t / token_normalizer, e.g. the
-    global-batch token count; else the token mean; an empty mask gives 0).
+    global-batch token count; else the token mean; an empty mask gives 0). kl_cov / clip_cov (keyword-only):
+    cov_selected [B, L] bool, the covariance selection of the whole population (trainer/step.py computes it over
+    the optimizer mini-batch); None selects among this call's tokens (`covariance.py`, clip_cov's draw seeded
+    with selection_seed).
 
     Returns (loss, metrics): a scalar fp32 tensor whose gradient w.r.t. logits is the SimKO gradient, and a
     dict of Python floats — identical on every TP rank; all keys except "loss" and "num_tokens" are means over
@@ -141,7 +195,8 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
       high_entropy_fraction (w), entropy_mean, lambda_1..lambda_K (Λ^(k) = mean log π(c_k)), ratio_mean (r),
       approx_kl (k1 estimator: mean of old_logp − logp), pos_fraction / neg_fraction (A > 0 / A < 0, raw
       advantages), rank1_fraction, lam_fraction (tokens where A ← λA), topk_credit_fraction (positive tokens
-      with w = 1, i.e. where α moves credit to the top-K).
+      with w = 1, i.e. where α moves credit to the top-K), cov_selected_fraction (kl_cov: tokens with the
+      |log r| term; clip_cov: tokens zeroed), entropy_adv_bonus (mean ψ of entropy_adv).
     """
     _check_inputs(logits, targets, old_logprob, advantages, mask)
     if token_normalizer is not None and not (isinstance(token_normalizer, (int, float)) and token_normalizer > 0):
@@ -159,6 +214,10 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
     w = high_entropy_mask(stats.entropy, mask, cfg.tau)  # [B, L] bool
 
     A = mode_advantages(adv_raw, cfg.mode)
+    shaping = None
+    if cfg.mode == "entropy_adv":
+        shaping = entropy_advantage_bonus(A, stats.entropy, mask, cfg.entropy_adv_alpha, cfg.entropy_adv_kappa)
+        A = A + shaping
     if cfg.mode == "simko":
         topk_credit = w & (A > 0)
         lam_applied = w & (A < 0) & stats.is_rank1
@@ -170,11 +229,27 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
 
     surr = -A * gamma
     surr_clipped = -A * gamma.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
-    loss_t = torch.maximum(surr, surr_clipped) * maskf  # [B, L]
+    selected = torch.zeros_like(mask)
+    if cfg.mode in COVARIANCE_MODES:
+        selected = cov_selected if cov_selected is not None else covariance_selection(
+            cfg.mode, A, logp, old, mask, cfg, seed=selection_seed)
+        if tuple(selected.shape) != tuple(mask.shape) or selected.dtype != torch.bool:
+            raise ValueError(f"cov_selected must be a bool tensor of shape {tuple(mask.shape)}, got "
+                             f"{selected.dtype} {tuple(selected.shape)}")
+        selected = selected & mask
+    if cfg.mode == "kl_cov":  # no clipping; the |log r| penalty on the selected tokens
+        surr_clipped = surr
+        loss_t = (surr + cfg.kl_cov_coef * (logp - old).abs() * selected.float()) * maskf
+    elif cfg.mode == "clip_cov":  # the selected tokens contribute neither loss nor gradient
+        loss_t = torch.maximum(surr, surr_clipped) * (mask & ~selected).float()
+    else:
+        loss_t = torch.maximum(surr, surr_clipped) * maskf  # [B, L]
     num_tokens = maskf.sum()
     loss_sum = loss_t.sum()
     denom = float(token_normalizer) if token_normalizer is not None else num_tokens.clamp(min=1.0)
     loss = loss_sum / denom
+    if cfg.entropy_coef:  # the entropy bonus: H keeps its gradient here (and only here)
+        loss = loss - cfg.entropy_coef * (torch.where(mask, stats.entropy, 0.0).sum() / denom)
 
     with torch.no_grad():
         ratio = torch.exp(logp - old)
@@ -182,7 +257,7 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
             "pg_loss": loss_t,
             "clip_fraction": (surr_clipped > surr) & mask,
             "high_entropy_fraction": w,
-            "entropy_mean": stats.entropy * maskf,
+            "entropy_mean": stats.entropy.detach() * maskf,
             **{f"lambda_{k + 1}": stats.topk_logprob[..., k] * maskf for k in range(K)},
             "ratio_mean": ratio * maskf,
             "approx_kl": (old - logp) * maskf,
@@ -191,6 +266,8 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
             "rank1_fraction": stats.is_rank1 & mask,
             "lam_fraction": lam_applied,
             "topk_credit_fraction": topk_credit,
+            "cov_selected_fraction": selected,
+            "entropy_adv_bonus": shaping if shaping is not None else torch.zeros_like(maskf),
         }
         sums = torch.stack([v.float().sum() for v in token_means.values()] + [num_tokens, loss.detach()])
         values = sums.tolist()  # one device sync for all metrics

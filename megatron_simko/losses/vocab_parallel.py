@@ -3,7 +3,8 @@
 For every token this computes, over the *real* vocabulary (ids < vocab_size) of z = logits / temperature:
 
     target_logprob  log π(y_t)                    [B, L]     differentiable
-    entropy         H = −Σ_j π_j log π_j          [B, L]     detached (SIMKO_SPEC.md: no gradient through H)
+    entropy         H = −Σ_j π_j log π_j          [B, L]     differentiable (for an entropy bonus; SimKO's gate
+                                                             w detaches it, SIMKO_SPEC.md)
     topk_logprob    log π(c_k), k = 1..K          [B, L, K]  differentiable, c_k by descending z
     topk_ids        c_k as global vocabulary ids  [B, L, K]  int64
     is_rank1        y_t == c_1                    [B, L]     bool
@@ -19,14 +20,18 @@ identically (so H, c_k and w agree bitwise across ranks). This replaces megatron
 all-reduce(SUM) pair with a single collective (online-softmax merge). The vocabulary dimension is never
 gathered. Local work per half chunk: a top-K over the raw logits, then fp32 z − m_r, exp, sums.
 
-Backward: NO communication. With upstream gradients β_t (target) and β_k (top-K),
-    ∂/∂z_j = Σ_m β_m (1[j = m] − π_j)  over m ∈ {y_t, c_1..c_K},     ∂/∂logits = ∂/∂z / temperature,
-the indicator being added by the shard that owns id m. Only the logits reference, the per-token log-sum-exp,
-the targets and the top-K ids are saved; π is recomputed chunk by chunk.
+Backward: NO communication. With upstream gradients β_t (target), β_k (top-K) and g_H (entropy),
+    ∂/∂z_j = Σ_m β_m (1[j = m] − π_j) − g_H π_j (log π_j + H)  over m ∈ {y_t, c_1..c_K},
+    ∂/∂logits = ∂/∂z / temperature,
+the indicator being added by the shard that owns id m (∂H/∂z_j = −π_j (log π_j + H) needs only the per-token
+scalars H and log Z beside z_j, so the entropy term is local too). Only the logits reference, the per-token
+log-sum-exp and entropy, the targets and the top-K ids are saved; π is recomputed chunk by chunk. Without an
+entropy gradient (g_H = None) the backward is the β-only pass, unchanged.
 
 Memory beyond the logits (and their gradient): the equivalent of one fp32 [chunk_tokens, V_local] buffer
 plus O(tokens·K) (forward: two [chunk/2, V_local]; backward: one [chunk, V_local], none for fp32 logits,
-whose backward works inside the gradient tensor itself). z = logits·(1/T) in fp32 (bf16/fp16
+whose backward works inside the gradient tensor itself; with an entropy gradient the backward needs one more
+fp32 buffer and halves its chunk to stay within the same bound). z = logits·(1/T) in fp32 (bf16/fp16
 logits are upcast per chunk, never as a whole).
 The caller's logits are never modified in place.
 
@@ -50,7 +55,7 @@ class TokenStats(NamedTuple):
     """Per-token statistics of softmax(logits / temperature) over the real vocabulary (see module docstring)."""
 
     target_logprob: torch.Tensor  # [B, L] fp32, differentiable
-    entropy: torch.Tensor  # [B, L] fp32, detached
+    entropy: torch.Tensor  # [B, L] fp32, differentiable (detach it where H is a gate, SIMKO_SPEC.md)
     topk_logprob: torch.Tensor  # [B, L, K] fp32, differentiable
     topk_ids: torch.Tensor  # [B, L, K] int64 global ids
     is_rank1: torch.Tensor  # [B, L] bool
@@ -155,24 +160,38 @@ def merge_partials(gathered: torch.Tensor, top_k: int):
     return target_logprob.to(f32), entropy.to(f32), topk_logprob.to(f32), topk_ids, lse.to(f32)
 
 
-def softmax_gradient_chunk(x, grad_out, p_buf, lse, inv_t, shard, ids, betas):
-    """grad_out[n, n_real] = (Σ_m β_m (1[j = m] − π_j)) / T over the K+1 ids m (target, c_1..c_K).
+def softmax_gradient_chunk(x, grad_out, p_buf, lse, inv_t, shard, ids, betas, grad_entropy=None, entropy=None,
+                           work=None):
+    """grad_out[n, n_real] = (Σ_m β_m (1[j = m] − π_j) − g_H π_j (log π_j + H)) / T over the K+1 ids m.
 
-    ids/betas [n, K+1]: global ids and upstream gradients β_m. p_buf is an fp32 [n, n_real] buffer (it may be
-    grad_out itself when the logits are fp32). Three passes over the chunk: π, scale, indicator fix-up.
+    ids/betas [n, K+1]: global ids (target, c_1..c_K) and upstream gradients β_m. p_buf is an fp32 [n, n_real]
+    buffer (it may be grad_out itself when the logits are fp32). grad_entropy (g_H) and entropy (H) [n]: the
+    entropy term, None when H is unused; it then needs `work`, a second fp32 [n, n_real] buffer (for π while
+    p_buf holds log π). Passes over the chunk: π (and log π), scale, indicator fix-up — one pass for both terms.
     """
-    p = torch.add(-lse.unsqueeze(1), x, alpha=inv_t, out=p_buf).exp_()  # π_j, recomputed; nothing [n, V] saved
-    coef = -betas.sum(dim=1, keepdim=True) * inv_t  # [n, 1]
     local, owned = owned_local_index(ids, shard)
-    # Value at each listed position: −Σβ·π/T + (Σ of the β of owned ids at that position)/T. Entries that
-    # share a position (y_t among the c_k; clamped non-owned ids) get the same value, so scatter_ is exact.
+    # Value at each listed position: the dense term there + (Σ of the β of owned ids at that position)/T. Entries
+    # that share a position (y_t among the c_k; clamped non-owned ids) get the same value, so scatter_ is exact.
     same = local.unsqueeze(2) == local.unsqueeze(1)  # [n, K+1, K+1]
     beta_here = (same * torch.where(owned, betas, 0.0).unsqueeze(1)).sum(dim=2)
-    fixed = p.gather(1, local) * coef + beta_here * inv_t  # [n, K+1]
-    if grad_out is p:
-        p.mul_(coef)
+    if grad_entropy is None:
+        p = torch.add(-lse.unsqueeze(1), x, alpha=inv_t, out=p_buf).exp_()  # π_j, recomputed; nothing [n, V] saved
+        coef = -betas.sum(dim=1, keepdim=True) * inv_t  # [n, 1]
+        fixed = p.gather(1, local) * coef + beta_here * inv_t  # [n, K+1]
+        if grad_out is p:
+            p.mul_(coef)
+        else:
+            torch.mul(p, coef, out=grad_out)  # fp32 math, one rounding to the logits dtype
     else:
-        torch.mul(p, coef, out=grad_out)  # fp32 math, one rounding to the logits dtype
+        # −π_j (Σβ + g_H (H + log π_j)) / T = π_j · (a + b · log π_j), a = −(Σβ + g_H H)/T, b = −g_H/T  [n, 1]
+        log_p = torch.add(-lse.unsqueeze(1), x, alpha=inv_t, out=p_buf)  # log π_j
+        p = torch.exp(log_p, out=work)  # π_j
+        a = (-(betas.sum(dim=1) + grad_entropy * entropy) * inv_t).unsqueeze(1)
+        b = (-grad_entropy * inv_t).unsqueeze(1)
+        dense = log_p.mul_(b).add_(a).mul_(p)  # fp32, in p_buf
+        fixed = dense.gather(1, local) + beta_here * inv_t
+        if grad_out is not dense:
+            grad_out.copy_(dense)  # one rounding to the logits dtype
     grad_out.scatter_(1, local, fixed.to(grad_out.dtype))
 
 
@@ -214,17 +233,17 @@ class _VocabParallelTokenStats(torch.autograd.Function):
     def forward(ctx, logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend):
         target_lp, entropy, topk_lp, topk_ids, lse = _forward(
             logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend)
-        ctx.save_for_backward(logits2d, targets1d, topk_ids, lse)
+        ctx.save_for_backward(logits2d, targets1d, topk_ids, lse, entropy)
         ctx.temperature, ctx.shard, ctx.chunk_tokens, ctx.backend = temperature, shard, chunk_tokens, backend
-        ctx.mark_non_differentiable(entropy, topk_ids)
+        ctx.mark_non_differentiable(topk_ids)
         ctx.set_materialize_grads(False)
         return target_lp, entropy, topk_lp, topk_ids
 
     @staticmethod
-    def backward(ctx, grad_target_lp, _grad_entropy, grad_topk_lp, _grad_ids):
-        logits2d, targets1d, topk_ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_target_lp, grad_entropy, grad_topk_lp, _grad_ids):
+        logits2d, targets1d, topk_ids, lse, entropy = ctx.saved_tensors
         shard, T, chunk = ctx.shard, ctx.temperature, ctx.chunk_tokens
-        if shard.n_real == 0 or (grad_target_lp is None and grad_topk_lp is None):
+        if shard.n_real == 0 or (grad_target_lp is None and grad_topk_lp is None and grad_entropy is None):
             return torch.zeros_like(logits2d), None, None, None, None, None, None, None
         N, K = topk_ids.shape
         # β for the K+1 ids m = (y_t, c_1..c_K); a missing upstream gradient is β = 0.
@@ -232,20 +251,29 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         beta_k = grad_topk_lp.float() if grad_topk_lp is not None else lse.new_zeros(N, K)
         ids = torch.cat([targets1d.unsqueeze(1), topk_ids], dim=1)  # [N, K+1]
         betas = torch.cat([beta_t.unsqueeze(1), beta_k], dim=1)
+        g_h = grad_entropy.float() if grad_entropy is not None else None
         if ctx.backend == "triton":  # one pass per row, padding rows included
             grad = triton_kernels.softmax_gradient(logits2d, ids, betas, lse, 1.0 / T, shard,
-                                                   grad_entropy=None, entropy=None)
+                                                   grad_entropy=g_h, entropy=None if g_h is None else entropy)
             return grad, None, None, None, None, None, None, None
         grad = torch.empty_like(logits2d)  # real rows are all written below
         grad[:, shard.n_real:] = 0  # padding rows get a zero gradient
         in_place = grad.dtype == torch.float32  # fp32 logits: the gradient itself is the buffer
-        for a in range(0, N, chunk):
-            b = min(a + chunk, N)
+        # fp32 [n, V] work buffers beside the gradient: p_buf unless in place, plus one for π with the entropy
+        # term. The chunk shrinks so that all of them together stay one [chunk_tokens, V] buffer.
+        buffers = (0 if in_place else 1) + (1 if g_h is not None else 0)
+        step = max(1, chunk // max(buffers, 1))
+        for a in range(0, N, step):
+            b = min(a + step, N)
             grad_out = real_rows(grad[a:b], shard)
-            p_buf = grad_out if in_place else torch.empty(grad_out.shape, dtype=torch.float32, device=grad.device)
+            f32 = dict(dtype=torch.float32, device=grad.device)
+            p_buf = grad_out if in_place else torch.empty(grad_out.shape, **f32)
+            work = torch.empty(grad_out.shape, **f32) if g_h is not None else None
             softmax_gradient_chunk(real_rows(logits2d[a:b], shard), grad_out, p_buf, lse[a:b], 1.0 / T, shard,
-                                   ids[a:b], betas[a:b])
-            del p_buf  # free before the next chunk allocates its own
+                                   ids[a:b], betas[a:b],
+                                   grad_entropy=None if g_h is None else g_h[a:b],
+                                   entropy=None if g_h is None else entropy[a:b], work=work)
+            del p_buf, work  # free before the next chunk allocates its own
         return grad, None, None, None, None, None, None, None
 
 

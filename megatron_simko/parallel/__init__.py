@@ -1,5 +1,6 @@
-"""Process groups (torchrun → megatron-core parallel_state) and CPU shims for megatron-core."""
+"""Process groups (torchrun → megatron-core parallel_state), the device policy, CPU shims for megatron-core."""
 from megatron_simko.parallel.cpu_shims import cpu_mode, cuda_to_cpu, install_cpu_shims
+from megatron_simko.parallel.devices import all_reduce, check_same_device, collective_device, trainer_device
 from megatron_simko.parallel.initialize import (
     ParallelLayout,
     current_layout,
@@ -10,6 +11,9 @@ from megatron_simko.parallel.initialize import (
 
 __all__ = [
     "ParallelLayout",
+    "all_reduce",
+    "check_same_device",
+    "collective_device",
     "cpu_mode",
     "cuda_to_cpu",
     "current_layout",
@@ -17,4 +21,5 @@ __all__ = [
     "init_distributed",
     "initialize_parallel",
     "install_cpu_shims",
+    "trainer_device",
 ]

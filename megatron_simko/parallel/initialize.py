@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_simko.parallel.cpu_shims import cpu_mode, install_cpu_shims
+from megatron_simko.parallel.devices import trainer_device
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """This rank's place in the TP × PP × DP grid."""
+    """This rank's place in the TP × PP × DP grid, and its trainer device (``devices.trainer_device``)."""
 
     world_size: int
     rank: int
@@ -99,7 +100,7 @@ def current_layout() -> ParallelLayout:
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
-        device=torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device()),
+        device=trainer_device(),
     )
 
 

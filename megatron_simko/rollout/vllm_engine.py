@@ -33,6 +33,7 @@ from megatron_simko.rollout.base import (
     SamplingConfig,
     request_seed,
 )
+from megatron_simko.rollout.stop_tokens import model_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +119,6 @@ def check_weights_present(model_dir: str) -> None:
                                f"save the model there, or use load_format='dummy' and sync weights before generating")
 
 
-def eos_token_ids(model_dir: str, cfg: Mapping[str, Any]) -> Tuple[int, ...]:
-    """EOS ids from generation_config.json, else config.json (vLLM without a tokenizer does not know them)."""
-    ids: List[int] = []
-    gen_path = os.path.join(model_dir, "generation_config.json")
-    sources = [cfg]
-    if os.path.isfile(gen_path):
-        with open(gen_path, encoding="utf-8") as f:
-            sources.insert(0, json.load(f))
-    for src in sources:
-        value = src.get("eos_token_id")
-        if value is not None:
-            ids = [int(v) for v in (value if isinstance(value, list) else [value])]
-            break
-    return tuple(ids)
-
-
 def trainer_tensor_parallel() -> int:
     """The trainer's TP size when megatron-core is initialized, else 1."""
     try:
@@ -165,7 +150,7 @@ class VLLMRolloutEngine(RolloutEngine):
             check_weights_present(config.model_dir)
         if self.on_cpu:
             check_cpu_head_dim(cfg, config.model_dir)
-        self.eos_token_ids = eos_token_ids(config.model_dir, cfg)
+        self.eos_token_ids = model_eos_token_ids(config.model_dir)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.tensor_parallel = config.tensor_parallel or (trainer_tensor_parallel() if self.distributed else 1)
         world = dist.get_world_size() if self.distributed else 1

@@ -1,6 +1,9 @@
-"""Megatron -> vLLM weight sync, streamed in buckets, with checksum verification of what the engine holds.
+"""Megatron -> rollout engine weight sync (vLLM or transformers), streamed in buckets, with checksum
+verification of what the engine holds. The engine provides ``model_dtype``, ``update_weights`` (Hugging
+Face-named full tensors), ``weight_layout`` and ``weight_checksums``; vLLM's side of the latter two is
+``engine_hf_pieces`` below, the transformers engine reports its parameters whole.
 
-    sync = MegatronToVLLMSync(model_chunks, arch, engine, WeightSyncConfig(bucket_mb=256, verify_every=1))
+    sync = MegatronToEngineSync(model_chunks, arch, engine, WeightSyncConfig(bucket_mb=256, verify_every=1))
     report = sync.sync()            # collective over the world; raises WeightSyncError on a checksum mismatch
 
 Data path (every rank runs one vLLM worker, see docs/rollout.md):
@@ -286,7 +289,7 @@ def _groups():
             mpu.get_pipeline_model_parallel_rank(), ranks)
 
 
-class MegatronToVLLMSync:
+class MegatronToEngineSync:
     """Streams a live Megatron model (this rank's chunks) into a rollout engine. Collective on every rank."""
 
     def __init__(self, model_chunks: Sequence[torch.nn.Module], arch: ModelArch, engine,
@@ -451,3 +454,6 @@ class MegatronToVLLMSync:
         for rank, lst in enumerate(everyone):
             merged += [f"rank {rank}: {m}" for m in lst or []]
         report.mismatches = merged
+
+
+MegatronToVLLMSync = MegatronToEngineSync  # its former name (vLLM was the only engine)

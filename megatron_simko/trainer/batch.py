@@ -8,6 +8,8 @@ Shapes (B sequences, S = padded length; every sequence is prompt + response, rig
     advantages       [B] or [B, S]  float, per sequence (broadcast over its response) or per token
     rollout_logprob  [B, S] float   optional: the rollout engine's log-prob of token t (for diagnostics)
     lengths          [B] int64      prompt + response length; positions ≥ lengths[b] are padding
+    cov_select       [B, S] bool    optional: the KL-Cov / Clip-Cov token selection of this optimizer step
+                                    (trainer/step.py computes it over the whole mini-batch; losses/covariance.py)
 
 Alignment: every per-token tensor is aligned with ``tokens``; index t refers to token t *as predicted from
 position t − 1*. Index 0 is therefore never a response token (loss_mask[:, 0] is False) and the model's
@@ -30,16 +32,20 @@ one [b_max, s_max] shape with dummy rows (:meth:`RLBatch.pad_to`; no loss tokens
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import copy
+from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+from megatron_simko.parallel.devices import all_reduce, check_same_device
 
 
 @dataclass
 class RLBatch:
-    """A packed RL batch (module docstring has the shapes). ``indices`` [B]: rows of the batch it came from."""
+    """A packed RL batch (module docstring has the shapes). ``indices`` [B]: rows of the batch it came from.
+
+    All fields live on one device (checked here); :meth:`to` moves them together."""
 
     tokens: torch.Tensor
     loss_mask: torch.Tensor
@@ -48,14 +54,16 @@ class RLBatch:
     rollout_logprob: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
     indices: Optional[torch.Tensor] = None
+    cov_select: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.tokens.dtype != torch.int64:
             raise ValueError(f"tokens must be int64 [B, S], got {self.tokens.dtype} {tuple(self.tokens.shape)}")
+        check_same_device("RLBatch", **{f.name: getattr(self, f.name) for f in fields(self)})
         B, S = self.tokens.shape
         if B == 0 or S < 2:
             raise ValueError(f"a batch needs B ≥ 1 sequences of length ≥ 2, got [B, S] = [{B}, {S}]")
-        for name in ("loss_mask", "old_logprob", "rollout_logprob"):
+        for name in ("loss_mask", "old_logprob", "rollout_logprob", "cov_select"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (B, S):
                 raise ValueError(f"{name} shape {tuple(t.shape)} must equal tokens' [B, S] = [{B}, {S}]")
@@ -76,7 +84,7 @@ class RLBatch:
         if bool((self.loss_mask & (pos >= self.lengths.unsqueeze(1))).any()):
             raise ValueError("loss_mask is True beyond a sequence's length (on padding)")
         if self.indices is None:
-            self.indices = torch.arange(B, dtype=torch.int64)
+            self.indices = torch.arange(B, dtype=torch.int64, device=self.tokens.device)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -99,11 +107,11 @@ class RLBatch:
 
     def select(self, rows: Sequence[int]) -> "RLBatch":
         """The sub-batch of ``rows`` (in that order), trimmed to its longest sequence."""
-        idx = torch.as_tensor(list(rows), dtype=torch.int64)
+        idx = torch.as_tensor(list(rows), dtype=torch.int64, device=self.tokens.device)
         width = max(int(self.lengths[idx].max()), 2)
         out = {}
         for name, t in self._per_row_fields():
-            t = t.index_select(0, idx.to(t.device))
+            t = t.index_select(0, idx)
             if t.dim() == 2:
                 t = t[:, :width]
             out[name] = t.contiguous()
@@ -135,7 +143,11 @@ class RLBatch:
         return RLBatch(**out)
 
     def to(self, device) -> "RLBatch":
-        return replace(self, **{name: t.to(device) for name, t in self._per_row_fields()})
+        """The same batch with every field on ``device`` (already validated: values do not change)."""
+        out = copy.copy(self)
+        for name, t in self._per_row_fields():
+            setattr(out, name, t.to(device))
+        return out
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -187,10 +199,7 @@ def token_budget_microbatches(batch: RLBatch, max_tokens: int, dp_group=None,
     """
     groups = pack_by_token_budget(batch.lengths.tolist(), max_tokens)
     count = max(len(groups), min_microbatches)
-    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        n = torch.tensor([count], dtype=torch.int64, device=device)  # NCCL needs a GPU tensor
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=dp_group)
-        count = int(n)
+    if dp_group is not None:
+        count = int(all_reduce(torch.tensor([count], dtype=torch.int64), op="max", group=dp_group).item())
     groups = split_to_count(groups, count)
     return [batch.select(g) for g in groups]

@@ -2,9 +2,16 @@
 
 Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main params, fp32 gradient buffers
 (DDP ``grad_reduce_in_fp32``) and fp32 Adam state (megatron-core's mixed-precision optimizer).
+
+No silent NaN: before each optimizer step, every rank checks its loss and the norms of its gradients, and
+one all-reduce (MAX over the world) makes every rank agree. A non-finite value anywhere skips the update on
+every rank (weights, Adam state and LR schedule untouched), and :class:`BadUpdateGuard` counts such updates:
+after ``train.max_bad_steps`` consecutive ones the run stops with :class:`NonFiniteUpdateError`, naming the
+step. Weights therefore never become NaN through an update, and no such weight reaches a checkpoint.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -13,8 +20,10 @@ import torch
 from megatron_simko.config import OptimizerConfig
 from megatron_simko.losses import SimKOConfig
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu
+from megatron_simko.parallel.devices import all_reduce
 from megatron_simko.trainer.batch import RLBatch
 from megatron_simko.trainer.step import StepOutput, forward_backward, make_microbatches
+
 
 def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, use_distributed_optimizer: bool = False):
     """megatron-core's optimizer over the DDP-wrapped chunks (``trainer.model.wrap_with_ddp``), configured by
@@ -72,24 +81,72 @@ def current_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+class NonFiniteUpdateError(RuntimeError):
+    """Too many consecutive optimizer updates had a non-finite loss or gradient norm (message names the step)."""
+
+
+@dataclass
+class BadUpdateGuard:
+    """Counts optimizer updates skipped for non-finite values; ``max_consecutive`` in a row stop the run."""
+
+    max_consecutive: int
+    consecutive: int = 0
+    skipped_total: int = 0
+
+    def __post_init__(self):
+        if self.max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {self.max_consecutive}")
+
+    def record(self, skipped: bool, where: str) -> None:
+        """Count one update (``where`` names it in the error); raises NonFiniteUpdateError at the limit."""
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped_total += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteUpdateError(
+                f"{where}: non-finite loss or gradient norm in {self.consecutive} consecutive optimizer updates "
+                f"(train.max_bad_steps={self.max_consecutive}); these updates were skipped, so the weights and "
+                f"checkpoints hold no NaN. Lower optimizer.lr, check the data and rewards, or use fp32")
+
+
+def nonfinite_anywhere(loss: float, model_chunks: List[torch.nn.Module]) -> bool:
+    """True on every rank if any rank's loss or the norm of any of its final gradients (``main_grad``) is not
+    finite. One MAX all-reduce over the world, on the backend's device."""
+    grads = [p.main_grad for chunk in model_chunks for p in chunk.parameters()
+             if getattr(p, "main_grad", None) is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    bad = torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=device)
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads)).float()  # one norm per tensor; overflow -> inf
+        bad = torch.maximum(bad, (~torch.isfinite(norms)).any().float())
+    return bool(all_reduce(bad, op="max").item() > 0)
+
+
 @dataclass
 class TrainStepOutput(StepOutput):
-    """StepOutput plus grad_norm (global, before clipping; None if skipped), lr used, update_successful."""
+    """StepOutput plus grad_norm (global, before clipping; None if the optimizer gave none, NaN if the update
+    was skipped for non-finite values), lr used, update_successful, skipped_nonfinite."""
 
     grad_norm: Optional[float] = None
     lr: float = 0.0
     update_successful: bool = True
+    skipped_nonfinite: bool = False
 
 
 def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch: RLBatch, loss_cfg: SimKOConfig,
                vocab_size: int, temperature: float = 1.0, num_microbatches: Optional[int] = None,
                max_tokens: Optional[int] = None,
-               grad_hook: Optional[Callable[[List[torch.nn.Module]], None]] = None) -> TrainStepOutput:
+               grad_hook: Optional[Callable[[List[torch.nn.Module]], None]] = None,
+               guard: Optional[BadUpdateGuard] = None, step: Optional[int] = None) -> TrainStepOutput:
     """One optimizer step on this DP rank's share of the global batch (see step.py for the loss scaling).
 
     Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing with the count
     agreed over DP. Default: one micro-batch. ``grad_hook(model_chunks)``, if given, runs after the gradients
     are final (reduced over DP, in each parameter's ``main_grad``) and before clipping and the update.
+    A non-finite loss or gradient norm on any rank skips the update everywhere (module docstring); ``guard``
+    counts it and stops the run after too many in a row (``step``: the RL step, for its message).
     """
     from megatron.core import parallel_state as mpu
 
@@ -99,15 +156,22 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature)
+    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
+                           selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
     if grad_hook is not None:
         grad_hook(model_chunks)
     lr = current_lr(optimizer)
-    with cuda_to_cpu():
-        update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=1)
+    skipped = nonfinite_anywhere(out.loss, model_chunks)
+    if skipped:
+        update_successful, grad_norm = False, math.nan
+    else:
+        with cuda_to_cpu():
+            update_successful, grad_norm, _ = optimizer.step()
+        if update_successful:
+            scheduler.step(increment=1)
+    if guard is not None:
+        guard.record(skipped, f"RL step {step}" if step is not None else "train_step")
     return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,
                            num_microbatches=out.num_microbatches,
                            grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
-                           update_successful=bool(update_successful))
+                           update_successful=bool(update_successful), skipped_nonfinite=skipped)

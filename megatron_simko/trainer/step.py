@@ -17,9 +17,19 @@ The gradient after the step is therefore ∇L exactly (verified against one devi
 
 Alignment: ``logits[:, :-1]`` (positions 0..s−2) predict ``tokens[:, 1:]``; the per-token batch tensors are
 aligned with tokens (batch.py), so they are sliced ``[:, 1:]`` too.
+
+KL-Cov / Clip-Cov (losses/covariance.py) choose tokens by statistics of a population. Here the population is the
+optimizer mini-batch — every micro-batch on every DP rank — so the choice does not depend on the micro-batch split
+or the DP size. Before the loss pass, ``forward_backward`` runs one forward-only pass over the same micro-batches
+(the current policy's log π(y_t), detached), selects on the last stage with the DP group's statistics (an
+all-gather of 2 counts, an all-reduce of 3 sums and, for KL-Cov, an all-gather of ≤ 2k numbers per rank) and
+carries the selection in each micro-batch (``RLBatch.cov_select``). Cost: one extra forward-only pass per
+optimizer step, in these two modes only. It reproduces the authors' per-call choice (verl: one loss call per
+micro-batch per GPU) when the mini-batch is a single micro-batch on a single DP rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -28,13 +38,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
-from megatron_simko.parallel.cpu_shims import cpu_mode, cuda_to_cpu
+from megatron_simko.losses.covariance import covariance_selection
+from megatron_simko.losses.simko import COVARIANCE_MODES
+from megatron_simko.parallel.cpu_shims import cuda_to_cpu
+from megatron_simko.parallel.devices import all_reduce, collective_device, trainer_device
 from megatron_simko.trainer.batch import RLBatch, token_budget_microbatches
-
-
-def comm_device() -> torch.device:
-    """Where tensors for collectives live: the CPU with gloo, this rank's GPU with NCCL."""
-    return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
 
 
 def causal_attention_mask(seq_len: int, device) -> torch.Tensor:
@@ -79,7 +87,7 @@ def _data_iterator(model_chunks, microbatches):
 def _forward_step(data_iterator, model, *, loss_func_factory):
     """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last."""
     mb: RLBatch = next(data_iterator)
-    device = comm_device()
+    device = trainer_device()
     tokens = mb.tokens.to(device)  # [b, s]
     b, s = tokens.shape
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # right padding: start at 0
@@ -114,8 +122,9 @@ def _shifted(mb: RLBatch, device):
     advantages = mb.advantages.to(device)
     if advantages.dim() == 2:
         advantages = advantages[:, 1:]
+    cov_select = mb.cov_select.to(device)[:, 1:] if mb.cov_select is not None else None
     return (mb.tokens.to(device)[:, 1:], mb.old_logprob.to(device)[:, 1:], advantages,
-            mb.loss_mask.to(device)[:, 1:])
+            mb.loss_mask.to(device)[:, 1:], cov_select)
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -138,11 +147,13 @@ class StepOutput:
 
 
 def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLBatch], loss_cfg: SimKOConfig,
-                     vocab_size: int, temperature: float = 1.0) -> StepOutput:
+                     vocab_size: int, temperature: float = 1.0, selection_seed: int = 0) -> StepOutput:
     """Forward + backward of the SimKO loss over ``microbatches`` (this DP rank's share of the global batch).
 
     Gradients accumulate into the DDP ``main_grad`` buffers and are reduced over DP at the end (finalize).
     Zero them before calling (``train_step`` does). All ranks of a model replica pass the same micro-batches.
+    kl_cov / clip_cov: the token selection over the whole mini-batch first (module docstring); Clip-Cov's draw
+    is seeded with ``selection_seed`` (``train_step`` passes the optimizer-update count).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.utils import get_model_config
@@ -151,37 +162,37 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     if not config.calculate_per_token_loss:
         raise ValueError("the training step needs TransformerConfig(calculate_per_token_loss=True) "
                          "(use trainer.model.trainer_transformer_config)")
-    device = comm_device()
     dp_group = mpu.get_data_parallel_group()
     tp_group = mpu.get_tensor_model_parallel_group()
 
     # 1. the global token count N.
     n_local = sum(mb.num_loss_tokens for mb in microbatches)
-    n = torch.tensor([n_local], dtype=torch.int64, device=device)
-    dist.all_reduce(n, group=dp_group)
-    num_tokens = int(n.item())
+    num_tokens = int(all_reduce(torch.tensor([n_local], dtype=torch.int64), group=dp_group).item())
     normalizer = float(max(num_tokens, 1))
 
     def loss_func(mb: RLBatch, logits: torch.Tensor):
-        targets, old_logprob, advantages, mask = _shifted(mb, logits.device)
+        targets, old_logprob, advantages, mask, cov_select = _shifted(mb, logits.device)
         loss, metrics = simko_loss(logits[:, :-1], targets, old_logprob, advantages, mask, loss_cfg,
                                    tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
-                                   token_normalizer=normalizer)
+                                   token_normalizer=normalizer, cov_selected=cov_select)
         count = torch.tensor(int(metrics["num_tokens"]), dtype=torch.int, device=logits.device)
         return loss, count, metrics
 
     config.finalize_model_grads_func = _finalize_grads_without_token_scaling
     microbatches = uniform_shapes(model_chunks, microbatches)
+    if loss_cfg.mode in COVARIANCE_MODES:
+        microbatches = with_covariance_selection(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
+                                                 dp_group, selection_seed)
     per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False)
     loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
     metrics = merge_metrics(per_mb) if per_mb else {}
-    metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group, device)
+    metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group)
     metrics = _broadcast_from_last_stage(metrics)
     return StepOutput(loss=metrics["loss"], metrics=metrics, num_tokens=num_tokens,
                       num_microbatches=len(microbatches))
 
 
-def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group, device) -> Dict[str, float]:
+def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group) -> Dict[str, float]:
     """Global metrics on last-stage ranks: token-weighted means over DP, the loss summed (already /N)."""
     from megatron.core import parallel_state as mpu
 
@@ -189,9 +200,8 @@ def _reduce_metrics_over_dp(metrics: Dict[str, float], loss_sum: float, dp_group
         return {}
     keys = sorted(k for k in metrics if k != "num_tokens")
     n = metrics.get("num_tokens", 0.0)
-    packed = torch.tensor([metrics[k] * n for k in keys] + [n, loss_sum], dtype=torch.float64, device=device)
-    dist.all_reduce(packed, group=dp_group)
-    values = packed.tolist()
+    packed = torch.tensor([float(metrics[k]) * n for k in keys] + [n, float(loss_sum)], dtype=torch.float64)
+    values = all_reduce(packed, group=dp_group).tolist()
     total = values[-2]
     out = {k: (v / total if total > 0 else 0.0) for k, v in zip(keys, values)}
     out["num_tokens"] = total
@@ -218,7 +228,8 @@ def _broadcast_from_last_stage(obj):
 
 @dataclass
 class PerTokenStats:
-    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1).
+    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1),
+    on the trainer device (``parallel.devices.trainer_device``).
 
     target_logprob [B, S] f32, entropy [B, S] f32, topk_logprob [B, S, K] f32, topk_ids [B, S, K] int64
     (global vocabulary ids), is_rank1 [B, S] bool. Index 0 and padding positions (t ≥ lengths[b]) hold 0
@@ -245,6 +256,47 @@ def _empty_stats(B: int, S: int, K: int, device) -> PerTokenStats:
     )
 
 
+def _forward_only_token_stats(model_chunks, microbatches: List[RLBatch], top_k: int, vocab_size: int,
+                              temperature: float, backend: str = "auto"):
+    """One forward-only pass of the schedule: [(mb, valid [b, s−1], TokenStats)] on the last stage ([] elsewhere)."""
+    from megatron.core import parallel_state as mpu
+
+    tp_group = mpu.get_tensor_model_parallel_group()
+
+    def stats_func(mb: RLBatch, logits: torch.Tensor, non_loss_data: bool = True):
+        b, s = mb.tokens.shape
+        targets = mb.tokens.to(logits.device)[:, 1:]
+        valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
+        st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
+                              vocab_size=vocab_size, mask=valid, backend=backend)
+        return mb, valid, st
+
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True)
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    return outputs if mpu.is_pipeline_last_stage(ignore_virtual=True) else []
+
+
+def _scatter_stats(outputs, out: PerTokenStats) -> PerTokenStats:
+    """Write the micro-batches' statistics into ``out`` (aligned with the batch the micro-batches index)."""
+    device = out.target_logprob.device
+    for mb, valid, st in outputs:
+        real = (mb.indices >= 0).to(device)  # dummy rows from uniform_shapes carry index −1
+        rows = mb.indices.to(device)[real]
+        cols = slice(1, mb.seq_len)
+        v, st = valid[real], type(st)(*(t[real] for t in st))
+        out.target_logprob[rows, cols] = torch.where(v, st.target_logprob, 0.0)
+        out.entropy[rows, cols] = torch.where(v, st.entropy, 0.0)
+        out.topk_logprob[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_logprob, 0.0)
+        out.topk_ids[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_ids, -1)
+        out.is_rank1[rows, cols] = st.is_rank1 & v
+    return out
+
+
 @torch.no_grad()
 def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top_k: int, vocab_size: int,
                         temperature: float = 1.0, num_microbatches: Optional[int] = None,
@@ -265,47 +317,67 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     if num_microbatches is None and max_tokens is None:
         num_microbatches = 1
     microbatches = uniform_shapes(model_chunks, make_microbatches(batch, num_microbatches, max_tokens))
-    device = comm_device()
-    tp_group = mpu.get_tensor_model_parallel_group()
-
-    def stats_func(mb: RLBatch, logits: torch.Tensor, non_loss_data: bool = True):
-        b, s = mb.tokens.shape
-        targets = mb.tokens.to(logits.device)[:, 1:]
-        valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
-        st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
-                              vocab_size=vocab_size, mask=valid, backend=backend)
-        return mb, valid, st
-
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
+    device = trainer_device()
+    outputs = _forward_only_token_stats(model_chunks, microbatches, top_k, vocab_size, temperature, backend)
 
     B, S = batch.tokens.shape
     is_last = mpu.is_pipeline_last_stage(ignore_virtual=True)
     if not is_last and not broadcast_to_all_stages:
         return None
-    out = _empty_stats(B, S, top_k, device)
-    if is_last:
-        for mb, valid, st in outputs:
-            real = (mb.indices >= 0).to(device)  # dummy rows from uniform_shapes carry index −1
-            rows = mb.indices.to(device)[real]
-            cols = slice(1, mb.seq_len)
-            v, st = valid[real], type(st)(*(t[real] for t in st))
-            out.target_logprob[rows, cols] = torch.where(v, st.target_logprob, 0.0)
-            out.entropy[rows, cols] = torch.where(v, st.entropy, 0.0)
-            out.topk_logprob[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_logprob, 0.0)
-            out.topk_ids[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_ids, -1)
-            out.is_rank1[rows, cols] = st.is_rank1 & v
+    out = _scatter_stats(outputs, _empty_stats(B, S, top_k, device))
     if broadcast_to_all_stages and mpu.get_pipeline_model_parallel_world_size() > 1:
         src = mpu.get_pipeline_model_parallel_last_rank()
         group = mpu.get_pipeline_model_parallel_group()
+        on = collective_device(group)
         for t in out.fields():
-            buf = t.to(torch.uint8) if t.dtype == torch.bool else t  # gloo has no bool collectives
+            buf = t.to(on, torch.uint8 if t.dtype == torch.bool else t.dtype)  # gloo has no bool collectives
             dist.broadcast(buf, src=src, group=group)
             if buf is not t:
-                t.copy_(buf.bool())
+                t.copy_(buf)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# KL-Cov / Clip-Cov: the token selection over the optimizer mini-batch (module docstring)
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows_of(microbatches: List[RLBatch], device):
+    """This rank's mini-batch re-assembled from its micro-batches by ``indices``: (loss_mask, advantages,
+    old_logprob) [B, S] aligned with tokens, B = rows, S = the longest micro-batch."""
+    B = 1 + max(int(mb.indices.max()) for mb in microbatches)
+    S = max(mb.seq_len for mb in microbatches)
+    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    adv = torch.zeros(B, S, dtype=torch.float32, device=device)
+    old = torch.zeros(B, S, dtype=torch.float32, device=device)
+    for mb in microbatches:
+        real = mb.indices >= 0
+        rows, s = mb.indices[real].to(device), mb.seq_len
+        a = mb.advantages[real].to(device, torch.float32)
+        mask[rows, :s] = mb.loss_mask[real].to(device)
+        adv[rows, :s] = a if a.dim() == 2 else a.unsqueeze(1).expand(-1, s)
+        old[rows, :s] = mb.old_logprob[real].to(device, torch.float32)
+    return mask, torch.where(mask, adv, 0.0), torch.where(mask, old, 0.0)
+
+
+@torch.no_grad()
+def with_covariance_selection(model_chunks, microbatches: List[RLBatch], loss_cfg: SimKOConfig, vocab_size: int,
+                              temperature: float, dp_group, seed: int) -> List[RLBatch]:
+    """The micro-batches with ``cov_select`` set on the last stage (unchanged elsewhere): the tokens KL-Cov
+    penalises / Clip-Cov zeroes, chosen over all micro-batches of all DP ranks from the current policy's log π."""
+    outputs = _forward_only_token_stats(model_chunks, microbatches, loss_cfg.top_k, vocab_size, temperature,
+                                        loss_cfg.backend)
+    if not outputs:  # not the last pipeline stage: no loss here
+        return microbatches
+    device = trainer_device()
+    mask, adv, old = _rows_of(microbatches, device)
+    stats = _scatter_stats(outputs, _empty_stats(mask.shape[0], mask.shape[1], loss_cfg.top_k, device))
+    selected = covariance_selection(loss_cfg.mode, adv, stats.target_logprob, old, mask, loss_cfg, group=dp_group,
+                                    seed=seed)  # [B, S], canonical order = rows of this rank, DP rank by rank
+    out = []
+    for mb in microbatches:
+        sel = torch.zeros(mb.tokens.shape, dtype=torch.bool, device=mb.tokens.device)
+        real = mb.indices >= 0
+        sel[real] = selected[mb.indices[real].to(device), :mb.seq_len].to(sel.device)
+        out.append(dataclasses.replace(mb, cov_select=sel))
     return out
