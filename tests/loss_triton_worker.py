@@ -157,13 +157,17 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
                         f"{bound.flatten()[worst]:.3g} at flat index {int(worst)}")
 
     # 3. end to end: token_statistics with both backends.
-    results = {}
+    # The objective includes an entropy bonus where the Function's entropy output is differentiable (the
+    # entropy-bonus backward, issue 12); where it is detached that term carries no gradient in either backend.
+    results, g_h2 = {}, up["entropy"].view(B, L)
     for backend in ("torch", "triton"):
         leaf = logits.clone().requires_grad_()
         with CommRecorder() as rec:
             rec.phase = "forward"
             st = token_statistics(leaf, targets, K, group, T, case["vocab_size"], mask=mask, backend=backend)
             objective = (up["target"] * st.target_logprob).sum() + (up["topk"] * st.topk_logprob).sum()
+            if st.entropy.requires_grad:
+                objective = objective + (g_h2 * st.entropy).sum()
             rec.phase = "backward"
             objective.backward()
         with torch.no_grad():
@@ -186,15 +190,18 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
                                    logits_full.view(N, ROWS), full_shard, inv_t)
         ids_here = torch.cat([t1d.unsqueeze(1), st.topk_ids.view(N, K)], dim=1)
         betas_here = torch.cat([up["target"].view(N, 1), up["topk"].view(N, K)], dim=1)
-        at_ids = tk.softmax_gradient(x, ids_here, betas_here, lse, inv_t, shard)
+        with_h = st.entropy.requires_grad
+        at_ids = tk.softmax_gradient(x, ids_here, betas_here, lse, inv_t, shard,
+                                     grad_entropy=g_h if with_h else None, entropy=entropy if with_h else None)
         close("gradient (at the Triton backend's ids)", g.view(N, v_local).float(), at_ids.float(), **FP32_TOL)
-        expected = torch.zeros_like(x)
-        if shard.n_real:
-            out = vp.real_rows(expected, shard)
-            vp.softmax_gradient_chunk(xr, out, out if x.dtype == torch.float32 else torch.empty(out.shape), lse,
-                                      inv_t, shard, ids_here, betas_here)
-        close("gradient vs the torch step at the same ids", g.view(N, v_local).float(), expected.float(),
-              **grad_tol)
+        if not with_h:  # (with the entropy term, 2. checks that term against autograd)
+            expected = torch.zeros_like(x)
+            if shard.n_real:
+                out = vp.real_rows(expected, shard)
+                vp.softmax_gradient_chunk(xr, out, out if x.dtype == torch.float32 else torch.empty(out.shape),
+                                          lse, inv_t, shard, ids_here, betas_here)
+            close("gradient vs the torch step at the same ids", g.view(N, v_local).float(), expected.float(),
+                  **grad_tol)
     if g.dtype != logits.dtype:
         failures.append(f"end-to-end gradient dtype {g.dtype} != {logits.dtype}")
     padding = g[..., shard.n_real:]
