@@ -86,9 +86,9 @@ class OptimizerConfig:
 
 @dataclass
 class RolloutConfig:
-    n_samples: int = 8  # responses per prompt (the GRPO group)
+    n_samples: int = 8  # responses per prompt (the GRPO group; >= 2)
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # must stay 1.0 for training (see __post_init__); evaluation tools take their own
     max_prompt_length: int = 1024
     max_response_length: int = 3072
     tensor_parallel: Optional[int] = None  # vLLM TP; default: the trainer's TP
@@ -99,9 +99,17 @@ class RolloutConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap; None = off
 
     def __post_init__(self):
-        _require(self.n_samples >= 1, "rollout.n_samples", "must be >= 1")
+        _require(self.n_samples >= 2, "rollout.n_samples",
+                 f"must be >= 2, got {self.n_samples}: GRPO advantages compare a prompt's samples with each other, "
+                 f"so with one sample every advantage is 0 and nothing is learned")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        # The trainer's log-probs (ratio, loss, trainer-vLLM mismatch) are over the whole vocabulary; vLLM would
+        # sample from the renormalised nucleus, so every ratio would be biased. Evaluation (eval/) may use top_p.
+        _require(self.top_p == 1, "rollout.top_p",
+                 f"must be 1.0 for training rollouts, got {self.top_p}: the trainer's log-probs are over the full "
+                 f"vocabulary, so nucleus-sampled rollouts would bias the importance ratios; use top_p only for "
+                 f"evaluation (tools/eval_passk.py)")
         _require(self.max_prompt_length >= 1 and self.max_response_length >= 1, "rollout.max_*_length", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "must be > 0 or null")
@@ -123,6 +131,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+        _require(self.reward_timeout_s > 0, "data.reward_timeout_s",
+                 f"must be > 0 seconds, got {self.reward_timeout_s}: every response would time out and score 0")
 
 
 @dataclass
@@ -132,7 +142,7 @@ class TrainConfig:
     ppo_epochs: int = 1
     micro_batch_tokens: int = 8192  # token budget per micro-batch (sequences packed by length)
     seed: int = 1234
-    validate_every: int = 0  # steps; 0 = never
+    validate_every: int = 0  # steps; 0 = never (> 0 needs data.validation)
     log_dir: str = "runs/simko"
 
     def __post_init__(self):
@@ -140,6 +150,7 @@ class TrainConfig:
         _require(self.mini_batch_size >= 1, "train.mini_batch_size", "must be >= 1")
         _require(self.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
         _require(self.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
+        _require(self.validate_every >= 0, "train.validate_every", "must be >= 0 (0: never)")
 
 
 @dataclass
@@ -174,6 +185,9 @@ class Config:
             "train.mini_batch_size",
             f"must divide data.prompts_per_step ({self.data.prompts_per_step}), got {self.train.mini_batch_size}",
         )
+        _require(not self.train.validate_every or bool(self.data.validation), "train.validate_every",
+                 f"is {self.train.validate_every} but data.validation is not set: set a validation dataset, or "
+                 f"train.validate_every=0")
         longest = self.rollout.max_prompt_length + self.rollout.max_response_length
         _require(
             self.train.micro_batch_tokens >= longest,
