@@ -32,7 +32,9 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, u
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         adam_eps=cfg.adam_eps,
-        clip_grad=cfg.grad_clip,
+        # 0 disables clipping; megatron-core would then skip the norm too (and report 0.0): clip at +inf instead,
+        # a no-op (clip coefficient inf / norm > 1) that still computes the real global norm.
+        clip_grad=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
         bf16=bf16,
         params_dtype=model_config.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
@@ -45,9 +47,14 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, u
 
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, decay_steps: int = 1):
-    """megatron-core ``OptimizerParamScheduler``, stepped once per optimizer update: lr rises linearly from 0
-    over ``cfg.warmup_steps`` updates (if any), then stays (constant) or decays to ``min_lr`` by update
-    ``decay_steps`` (linear / cosine). Weight decay constant."""
+    """megatron-core ``OptimizerParamScheduler``, stepped once per update slot just BEFORE the update
+    (``train_step``; a skipped update still takes its slot), so update k = 1, 2, ... runs at: lr·k/W during
+    warmup (k ≤ W = ``cfg.warmup_steps``; the first update at lr/W, never 0), then lr (constant) or a decay
+    to ``min_lr`` reached at update ``decay_steps`` (linear / cosine). Weight decay constant.
+
+    On resume the CURRENT config wins (``override_opt_param_scheduler``): lr, min_lr, warmup, decay style
+    and decay steps come from ``cfg``; only the update count comes from the checkpoint (``load_checkpoint``
+    reports what changed)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     constant = cfg.lr_schedule == "constant"
@@ -65,6 +72,8 @@ def build_scheduler(optimizer, cfg: OptimizerConfig, decay_steps: int = 1):
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 
@@ -102,11 +111,10 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch:
     out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature)
     if grad_hook is not None:
         grad_hook(model_chunks)
+    scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
     lr = current_lr(optimizer)
     with cuda_to_cpu():
         update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=1)
     return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,
                            num_microbatches=out.num_microbatches,
                            grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
