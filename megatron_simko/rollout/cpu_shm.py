@@ -15,7 +15,14 @@ Here: (1) a run identifier agreed over the process group replaces ``VLLM_DIST_ID
 (:func:`use_run_ident`, which wraps ``make_group_name``), so no two runs share a name; (2) after the engine is
 built — every rank of every group has then joined (vLLM barriers after the joins) — each rank unlinks its own
 segment (:func:`unlink_own_segments`); the mappings stay valid, and the memory is freed when the last process
-unmaps it, however it ends. Nothing is left in /dev/shm once an engine exists, even after SIGKILL.
+unmaps it, however it ends.
+
+The same goes for vLLM's broadcast ring buffer (``shm_broadcast.ShmRingBuffer``, ``/dev/shm/psm_<random>``,
+one per TP group, created by the group's first rank, opened by the others while the engine is built): its
+creator unlinks it at exit, or Python's resource tracker does once every process holding the tracker's pipe is
+gone — which never happens after a SIGKILL when megatron-core's checkpoint writer left its Manager server
+(a ``multiprocessing`` spawn child that outlives its parent) holding it. :func:`unlink_broadcast_buffers`
+unlinks it once the engine is built. Nothing is left in /dev/shm once an engine exists, even after SIGKILL.
 """
 from __future__ import annotations
 
@@ -75,4 +82,20 @@ def unlink_own_segments() -> int:
         except OSError as e:  # keep going: the other names may still be removable
             logger.warning("could not unlink shared memory %s: %s", name, e)
         _own_segments.discard(name)
+    return removed
+
+
+def unlink_broadcast_buffers() -> int:
+    """Unlink the broadcast ring buffers this process created (every reader has opened them once the engine is
+    built); their creator then no longer unlinks them at exit. Returns how many."""
+    from vllm.distributed import parallel_state
+
+    removed = 0
+    for ref in list(parallel_state._groups.values()):
+        group = ref()
+        buffer = getattr(getattr(group, "mq_broadcaster", None), "buffer", None)
+        if buffer is not None and buffer.is_creator:
+            buffer.shared_memory.unlink()  # also unregisters it from Python's resource tracker
+            buffer.is_creator = False
+            removed += 1
     return removed

@@ -241,6 +241,8 @@ class VLLMRolloutEngine(RolloutEngine):
             torch.set_default_dtype(default_dtype)  # vLLM may change it while loading; the trainer must not see it
             if self.on_cpu:  # built: every rank has mapped every segment; failed: nobody will need them
                 cpu_shm.unlink_own_segments()
+        if self.on_cpu:  # every rank has opened vLLM's broadcast buffers too
+            cpu_shm.unlink_broadcast_buffers()
         self.init_seconds = time.perf_counter() - t0
         return llm
 
