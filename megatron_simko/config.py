@@ -120,7 +120,7 @@ class DataConfig:
     train: str = ""  # jsonl / parquet path, or "reasoning_gym/<task>"
     validation: Optional[str] = None  # same forms; None = no validation
     train_size: int = 10000  # procedural datasets only
-    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # task options, e.g. {min_terms: 2}
+    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # reasoning_gym/ datasets' options, {min_terms: 2}
     validation_size: int = 64
     prompts_per_step: int = 1024
     instruction: str = DEFAULT_INSTRUCTION  # appended to each problem (the paper's Qwen2.5-Math setup)
@@ -185,6 +185,9 @@ class Config:
             "train.mini_batch_size",
             f"must divide data.prompts_per_step ({self.data.prompts_per_step}), got {self.train.mini_batch_size}",
         )
+        _require(not self.data.reasoning_gym_config or any(
+            (spec or "").startswith("reasoning_gym/") for spec in (self.data.train, self.data.validation)),
+            "data.reasoning_gym_config", "is set, but neither data.train nor data.validation is reasoning_gym/<task>")
         _require(not self.train.validate_every or bool(self.data.validation), "train.validate_every",
                  f"is {self.train.validate_every} but data.validation is not set: set a validation dataset, or "
                  f"train.validate_every=0")
@@ -305,6 +308,10 @@ def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # nothing half-written left behind
+        raise

@@ -66,6 +66,9 @@ def test_cross_section_validation():
     with pytest.raises(ConfigError, match="train.validate_every: is 5 but data.validation is not set"):
         config_from_dict({}, base + ["train.validate_every=5"]).validate()
     config_from_dict({}, base + ["train.validate_every=5", "data.validation=reasoning_gym/chain_sum"]).validate()
+    with pytest.raises(ConfigError, match="data.reasoning_gym_config: is set, but neither"):
+        config_from_dict({}, ["model.hf_dir=/m", "data.train=a.jsonl", "data.reasoning_gym_config={min_terms: 2}"]
+                         ).validate()
 
 
 def test_save_and_reload_roundtrip(tmp_path):
