@@ -120,7 +120,7 @@ class DataConfig:
     train: str = ""  # jsonl / parquet path, or "reasoning_gym/<task>"
     validation: Optional[str] = None  # same forms; None = no validation
     train_size: int = 10000  # procedural datasets only
-    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # reasoning_gym/ datasets' options, {min_terms: 2}
+    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # options of reasoning_gym/ datasets
     validation_size: int = 64
     prompts_per_step: int = 1024
     instruction: str = DEFAULT_INSTRUCTION  # appended to each problem (the paper's Qwen2.5-Math setup)
