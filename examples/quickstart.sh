@@ -19,6 +19,8 @@ if [[ ! -f "$RUN/model/config.json" ]]; then
   "$PY" tools/make_tiny_model.py --out-dir "$RUN/model" --force
 fi
 echo "== SimKO training (torchrun, TP=2; rollouts: vLLM unless rollout.backend=transformers); metrics: $RUN/metrics.jsonl"
-"$ROOT/.venv/bin/torchrun" --nproc-per-node 2 --master-port "${MASTER_PORT:-29533}" -m megatron_simko.train \
+# A free port unless MASTER_PORT is set (a fixed default would collide with any other run on the machine).
+PORT="${MASTER_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+"$ROOT/.venv/bin/torchrun" --nproc-per-node 2 --master-port "$PORT" -m megatron_simko.train \
   --config examples/configs/quickstart.yaml model.hf_dir="$RUN/model" train.log_dir="$RUN" checkpoint.resume=none "$@"
 echo "== done: metrics in $RUN/metrics.jsonl, TensorBoard logs in $RUN/tensorboard, checkpoints in $RUN/checkpoints"

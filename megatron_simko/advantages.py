@@ -23,3 +23,19 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = GRPO_EP
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True)  # unbiased
     return ((r - mean) / (std + eps)).view(-1).to(torch.float32)
+
+
+def minibatches_with_signal(rewards: torch.Tensor, group_size: int, dp: int, mini_batch_size: int) -> list[bool]:
+    """For each optimizer mini-batch of a step, whether any of its GRPO groups has unequal rewards — if none
+    has, every advantage in it is 0: the loss and its gradient are 0, and an Adam step would still move the
+    weights (momentum, weight decay) with no signal. Needs only the global rewards every rank holds.
+
+    rewards [P·n]: the step's global batch, prompt by prompt. The trainer's mini-batch j is, on DP rank r, the
+    prompts r·P/dp + j·m … + m − 1 with m = mini_batch_size / dp (DP ranks own contiguous prompt shares)."""
+    if rewards.numel() % group_size or (rewards.numel() // group_size) % mini_batch_size or mini_batch_size % dp:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}, mini-batches of "
+                         f"{mini_batch_size} prompts and {dp} data-parallel shares")
+    r = rewards.view(-1, group_size)
+    varies = r.amax(dim=1) != r.amin(dim=1)  # [P]
+    m = mini_batch_size // dp
+    return varies.view(dp, -1, m).any(dim=2).any(dim=0).tolist()  # [dp, mini-batches, m] → per mini-batch

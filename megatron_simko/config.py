@@ -88,9 +88,9 @@ class OptimizerConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "vllm"  # vllm | transformers (in-process Hugging Face model, TP 1; runs wherever torch runs)
-    n_samples: int = 8  # responses per prompt (the GRPO group)
+    n_samples: int = 8  # responses per prompt (the GRPO group; >= 2)
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # must stay 1.0 for training (see __post_init__); evaluation tools take their own
     max_prompt_length: int = 1024
     max_response_length: int = 3072
     # Extra ids that end a response, on top of the tokenizer's EOS, the model's generation_config / config EOS
@@ -109,9 +109,17 @@ class RolloutConfig:
         _require(self.backend != "transformers" or self.tensor_parallel in (None, 1), "rollout.tensor_parallel",
                  "the transformers backend holds a full model copy on every rank: leave it unset (or 1)")
         _require(all(t >= 0 for t in self.stop_token_ids), "rollout.stop_token_ids", "ids must be >= 0")
-        _require(self.n_samples >= 1, "rollout.n_samples", "must be >= 1")
+        _require(self.n_samples >= 2, "rollout.n_samples",
+                 f"must be >= 2, got {self.n_samples}: GRPO advantages compare a prompt's samples with each other, "
+                 f"so with one sample every advantage is 0 and nothing is learned")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        # The trainer's log-probs (ratio, loss, trainer-vLLM mismatch) are over the whole vocabulary; vLLM would
+        # sample from the renormalised nucleus, so every ratio would be biased. Evaluation (eval/) may use top_p.
+        _require(self.top_p == 1, "rollout.top_p",
+                 f"must be 1.0 for training rollouts, got {self.top_p}: the trainer's log-probs are over the full "
+                 f"vocabulary, so nucleus-sampled rollouts would bias the importance ratios; use top_p only for "
+                 f"evaluation (tools/eval_passk.py)")
         _require(self.max_prompt_length >= 1 and self.max_response_length >= 1, "rollout.max_*_length", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "must be > 0 or null")
@@ -122,7 +130,7 @@ class DataConfig:
     train: str = ""  # jsonl / parquet path, or "reasoning_gym/<task>"
     validation: Optional[str] = None  # same forms; None = no validation
     train_size: int = 10000  # procedural datasets only
-    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # task options, e.g. {min_terms: 2}
+    reasoning_gym_config: Dict[str, Any] = field(default_factory=dict)  # options of reasoning_gym/ datasets
     validation_size: int = 64
     prompts_per_step: int = 1024
     instruction: str = DEFAULT_INSTRUCTION  # appended to each problem (the paper's Qwen2.5-Math setup)
@@ -133,6 +141,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+        _require(self.reward_timeout_s > 0, "data.reward_timeout_s",
+                 f"must be > 0 seconds, got {self.reward_timeout_s}: every response would time out and score 0")
 
 
 @dataclass
@@ -142,7 +152,7 @@ class TrainConfig:
     ppo_epochs: int = 1
     micro_batch_tokens: int = 8192  # token budget per micro-batch (sequences packed by length)
     seed: int = 1234
-    validate_every: int = 0  # steps; 0 = never
+    validate_every: int = 0  # steps; 0 = never (> 0 needs data.validation)
     log_dir: str = "runs/simko"
     # Optimizer updates with a non-finite loss or gradient norm are skipped (on every rank); this many in a row
     # stop the run with an error naming the step.
@@ -154,6 +164,7 @@ class TrainConfig:
         _require(self.mini_batch_size >= 1, "train.mini_batch_size", "must be >= 1")
         _require(self.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1")
         _require(self.micro_batch_tokens >= 1, "train.micro_batch_tokens", "must be >= 1")
+        _require(self.validate_every >= 0, "train.validate_every", "must be >= 0 (0: never)")
 
 
 @dataclass
@@ -188,6 +199,12 @@ class Config:
             "train.mini_batch_size",
             f"must divide data.prompts_per_step ({self.data.prompts_per_step}), got {self.train.mini_batch_size}",
         )
+        _require(not self.data.reasoning_gym_config or any(
+            (spec or "").startswith("reasoning_gym/") for spec in (self.data.train, self.data.validation)),
+            "data.reasoning_gym_config", "is set, but neither data.train nor data.validation is reasoning_gym/<task>")
+        _require(not self.train.validate_every or bool(self.data.validation), "train.validate_every",
+                 f"is {self.train.validate_every} but data.validation is not set: set a validation dataset, or "
+                 f"train.validate_every=0")
         longest = self.rollout.max_prompt_length + self.rollout.max_response_length
         _require(
             self.train.micro_batch_tokens >= longest,
@@ -305,6 +322,10 @@ def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # nothing half-written left behind
+        raise

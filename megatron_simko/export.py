@@ -70,7 +70,6 @@ def export_checkpoint(checkpoint_root: str, hf_dir: str, out_dir: str, step: Opt
     from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config
 
     arch = arch_from_hf_config(hf_dir)
-    os.environ.setdefault("MASTER_PORT", "29517")
     initialize_parallel(1, 1)
     try:
         chunks = build_model_chunks(arch, trainer_transformer_config(arch))

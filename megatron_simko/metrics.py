@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -25,7 +26,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
-        if resume_step > 0 and os.path.exists(self.jsonl_path):
+        if os.path.exists(self.jsonl_path):
             self._truncate_after(resume_step)  # a resumed run rewrites the steps after its checkpoint
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,8 +34,24 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the complete records of steps <= ``step`` (0: none — a fresh run starts a fresh file). A hard
+        kill can cut the last line short: that partial record is dropped, with a warning; a malformed line
+        anywhere else is not something a kill leaves, so it is an error naming the line."""
         with open(self.jsonl_path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            lines = f.readlines()
+        kept = []
+        for no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if no == len(lines) and not line.endswith("\n"):
+                    warnings.warn(f"{self.jsonl_path}: dropped a partial last line (a run killed while writing)")
+                    continue
+                raise ValueError(f"{self.jsonl_path}: line {no} is not valid JSON; fix or remove it, then resume")
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.jsonl_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--nodes", type=int, default=None, help="dry run: number of nodes (default: $NNODES or 1)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: 8)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="dry run: memory per GPU")
+    p.add_argument("--skip-data", action="store_true",
+                   help="dry run: do not read the datasets (by default every row is parsed and prompt lengths checked)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.alpha=0.02")
     return p.parse_args(argv)
 
@@ -67,7 +69,24 @@ def rollout_tensor_parallel(cfg: Config) -> int:
     return cfg.rollout.tensor_parallel or cfg.parallel.tensor_parallel
 
 
-def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_memory_gib: float) -> int:
+def dry_run_data(cfg: Config) -> str:
+    """Read the datasets as the job would (every row parsed; prompt lengths checked when the tokenizer is at
+    hand): bad data fails here, before the job holds the cluster. Returns a one-line summary."""
+    from megatron_simko.data.tokenizer import load_tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.hf_dir
+    has_tokenizer = path.endswith(".model") and os.path.isfile(path) or any(
+        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    train, val = load_datasets(cfg, load_tokenizer(path) if has_tokenizer else None)
+    if len(train) < cfg.data.prompts_per_step:
+        raise ConfigError(f"data.train: {len(train)} usable prompts, fewer than data.prompts_per_step="
+                          f"{cfg.data.prompts_per_step}")
+    return (f"data OK: {len(train)} train prompts" + (f", {len(val)} validation prompts" if val is not None else "")
+            + ("" if has_tokenizer else f" (prompt lengths not checked: no tokenizer in {path})"))
+
+
+def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
+            read_data: bool = True) -> int:
     from megatron_simko.memory_estimate import estimate_memory, parameter_counts
 
     world = nodes * gpus_per_node
@@ -87,6 +106,7 @@ def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_me
           f"{cfg.data.prompts_per_step // cfg.train.mini_batch_size} optimizer step(s) × {cfg.train.ppo_epochs} "
           f"epoch(s); {cfg.data.prompts_per_step // dp} prompts per DP rank")
     print(f"loss: {cfg.loss}")
+    print(dry_run_data(cfg) if read_data else "data: not read (--skip-data)")
     est = estimate_memory(arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
                           cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib)
     print("per-GPU memory estimate (megatron_simko/memory_estimate.py states the assumptions):")
@@ -132,11 +152,38 @@ def log(msg: str) -> None:
         print(f"[megatron_simko] {msg}", flush=True)
 
 
+def load_datasets(cfg: Config, tokenizer=None):
+    """(train prompts, validation prompts or None), read in full: a malformed row fails here, naming file and
+    row. With a tokenizer, prompts longer than rollout.max_prompt_length after chat rendering are dropped and
+    counted, once, so that none ever reaches a rollout (a resumed run filters the same way)."""
+    from megatron_simko.data import drop_long_prompts, load_prompts
+
+    d, limit = cfg.data, cfg.rollout.max_prompt_length
+
+    def load(key: str, spec: str, split: str, size: int) -> list:
+        if not spec.startswith("reasoning_gym/") and not os.path.isfile(spec):
+            raise FileNotFoundError(f"{key}: no such file {spec!r} (a .jsonl / .parquet file or reasoning_gym/<task>)")
+        rg_options = d.reasoning_gym_config if spec.startswith("reasoning_gym/") else {}
+        prompts = load_prompts(spec, split, size=size, seed=d.seed, skip_malformed=d.skip_malformed, **rg_options)
+        if tokenizer is None:
+            return list(prompts)
+        kept, dropped = drop_long_prompts(prompts, tokenizer, limit, d.system_prompt, d.instruction, key)
+        if dropped:
+            log(f"{key}: dropped {dropped} of {len(prompts)} prompts longer than rollout.max_prompt_length="
+                f"{limit} tokens")
+        return kept
+
+    train = load("data.train", d.train, "train", d.train_size)
+    val = load("data.validation", d.validation, "validation", d.validation_size) if d.validation else None
+    return train, val
+
+
 def setup(cfg: Config, arch: ModelArch) -> Components:
     from megatron_simko.checkpoint.native import load_hf_into_model, load_into_model
-    from megatron_simko.data import PromptLoader, load_prompts
+    from megatron_simko.data import PromptLoader
     from megatron_simko.data.tokenizer import load_tokenizer
     from megatron_simko.parallel import initialize_parallel
+    from megatron_simko.parallel.failfast import register_cleanup
     from megatron_simko.rewards import RewardScorer
     from megatron_simko.rollout import MegatronToEngineSync, WeightSyncConfig, build_engine, stop_token_ids
     from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp
@@ -181,15 +228,10 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
 
     # Data: every rank holds the same global prompt batch (rollouts are sharded over rollout replicas and
     # gathered back); each DP rank then trains on its contiguous share.
-    d = cfg.data
-    train_prompts = load_prompts(d.train, "train", size=d.train_size, seed=d.seed, skip_malformed=d.skip_malformed,
-                                 **d.reasoning_gym_config)
-    val_prompts = None
-    if d.validation:
-        val_prompts = list(load_prompts(d.validation, "validation", size=d.validation_size, seed=d.seed,
-                                        skip_malformed=d.skip_malformed, **d.reasoning_gym_config))
+    train_prompts, val_prompts = load_datasets(cfg, tokenizer)
     loader = PromptLoader(train_prompts, cfg.data.prompts_per_step, seed=cfg.data.seed)
     scorer = RewardScorer(timeout_s=cfg.data.reward_timeout_s)
+    register_cleanup(scorer.close)  # on a failure or a signal (parallel/failfast.py)
 
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.train.log_dir, "checkpoints")
     return Components(cfg, arch, layout, tokenizer, model, optimizer, scheduler, engine, sync, stop_ids,
@@ -201,13 +243,12 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
 
 
 def encode_prompts(c: Components, examples) -> List[List[int]]:
-    from megatron_simko.data import render_prompt
+    from megatron_simko.data import prompt_token_ids
 
     ids = []
     for i, ex in enumerate(examples):
-        text = render_prompt(ex, c.tokenizer, system=c.cfg.data.system_prompt, instruction=c.cfg.data.instruction)
-        tokens = c.tokenizer.encode(text)
-        if len(tokens) > c.cfg.rollout.max_prompt_length:
+        tokens = prompt_token_ids(ex, c.tokenizer, c.cfg.data.system_prompt, c.cfg.data.instruction)
+        if len(tokens) > c.cfg.rollout.max_prompt_length:  # load_datasets dropped these: a bug if it happens
             raise ValueError(f"prompt {i} of this batch has {len(tokens)} tokens, more than rollout.max_prompt_length"
                              f"={c.cfg.rollout.max_prompt_length}; raise the limit or filter the dataset")
         ids.append(tokens)
@@ -223,9 +264,10 @@ def sampling_config(c: Components, step: int, validation: bool = False):
                           stop_token_ids=c.stop_token_ids)
 
 
-def score_globally(c: Components, results, examples) -> torch.Tensor:
+def score_globally(c: Components, results, examples) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Decode and score every response of the global batch: each rank scores a contiguous slice, then all
-    ranks gather all rewards (so rollout metrics are global without further communication)."""
+    ranks gather all rewards (so rollout metrics are global without further communication), and the global
+    count of reward failures (reward/timeouts, reward/errors, reward/verify_timeouts: each scored 0.0)."""
     import torch.distributed as dist
 
     from megatron_simko.rollout import shard_bounds
@@ -234,14 +276,19 @@ def score_globally(c: Components, results, examples) -> torch.Tensor:
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     lo, hi = shard_bounds(len(flat), rank, world)
     texts = [c.tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat[lo:hi]]
+    before = c.scorer.counters()
     mine = c.scorer.score(texts, [examples[p] for p, _ in flat[lo:hi]])
+    failed = {k: v - before[k] for k, v in c.scorer.counters().items()}
+    parts = [(mine, failed)]
     if world > 1:
-        parts: List[Optional[List[float]]] = [None] * world
-        dist.all_gather_object(parts, mine)
-        rewards = [x for part in parts for x in part]
-    else:
-        rewards = mine
-    return torch.tensor(rewards, dtype=torch.float32)
+        parts = [None] * world
+        dist.all_gather_object(parts, (mine, failed))
+    rewards = [x for part, _ in parts for x in part]
+    failures = {f"reward/{k}": float(sum(f[k] for _, f in parts)) for k in failed}
+    if any(failures.values()):
+        log(f"warning: {', '.join(f'{int(v)} {k[7:]}' for k, v in failures.items())} among {len(flat)} responses "
+            f"(scored 0.0): raise data.reward_timeout_s, or check the reward function / the machine's load")
+    return torch.tensor(rewards, dtype=torch.float32), failures
 
 
 # Loss metrics already logged from the pre-update statistics of the whole batch (entropy/mean, lambda/k, ...).
@@ -251,6 +298,7 @@ _LOGGED_ELSEWHERE = ("loss", "entropy_mean", "rank1_fraction", "num_tokens")
 def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron.core import parallel_state as mpu
 
+    from megatron_simko.advantages import minibatches_with_signal
     from megatron_simko.experience import build_experience, rollout_metrics
     from megatron_simko.metrics import device_memory_metrics, token_metrics
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
@@ -273,10 +321,10 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     t = time.perf_counter()
 
     # 2. rewards (global) → GRPO advantages inside build_experience (per prompt group).
-    rewards = score_globally(c, results, examples)
+    rewards, reward_failures = score_globally(c, results, examples)
     lengths = torch.tensor([s.length for r in results for s in r.samples])
     truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
-    metrics = rollout_metrics(rewards, lengths, truncated, n)
+    metrics = {**rollout_metrics(rewards, lengths, truncated, n), **reward_failures}
     mine = dp_share(results, L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups, contiguous)
     lo = mine[0].prompt_index  # results are in global prompt order
     batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id, L.device)
@@ -299,20 +347,28 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times["time/old_logprob"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # 4. PPO-style updates: epochs × mini-batches (whole prompt groups, in order), one optimizer step each.
+    # 4. PPO-style updates: epochs × mini-batches (whole prompt groups, in order), one optimizer step each —
+    # except for a mini-batch whose groups are all-correct or all-wrong (every advantage 0): no Adam step, its
+    # LR-schedule slot passes. Decided from the global rewards, so every rank agrees without communicating.
     rows_per_mini = cfg.train.mini_batch_size // L.dp * n
+    with_signal = minibatches_with_signal(rewards, n, L.dp, cfg.train.mini_batch_size)
     train_metrics: List[Dict[str, float]] = []
     for _epoch in range(cfg.train.ppo_epochs):
-        for start in range(0, batch.batch_size, rows_per_mini):
+        for j, start in enumerate(range(0, batch.batch_size, rows_per_mini)):
+            if not with_signal[j]:
+                c.scheduler.step(increment=1)
+                continue
             mini = batch.select(range(start, min(start + rows_per_mini, batch.batch_size)))
             out = train_step(c.model, c.optimizer, c.scheduler, mini, cfg.loss, c.arch.vocab_size,
                              temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens,
                              guard=c.guard, step=step)
             train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items() if k not in _LOGGED_ELSEWHERE
                                      and not k.startswith("lambda_")},
-                                  "loss/value": out.loss, "grad_norm": out.grad_norm or 0.0, "lr": out.lr,
+                                  "loss/value": out.loss, "lr": out.lr,
+                                  "grad_norm": float("nan") if out.grad_norm is None else out.grad_norm,
                                   "optim/skipped_nonfinite_fraction": float(out.skipped_nonfinite)})
-    for key in train_metrics[0]:
+    metrics["train/skipped_updates"] = float(with_signal.count(False) * cfg.train.ppo_epochs)
+    for key in train_metrics[0] if train_metrics else ():  # averages over the updates that ran
         metrics[key] = sum(m[key] for m in train_metrics) / len(train_metrics)
     metrics["optim/skipped_nonfinite_total"] = float(c.guard.skipped_total)
     times["time/train"] = time.perf_counter() - t
@@ -344,10 +400,10 @@ def validate(c: Components, step: int) -> Dict[str, float]:
     prompt_ids = encode_prompts(c, c.val_prompts)
     results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step, validation=True),
                               RolloutLayout.current(c.engine.tensor_parallel), step=0)
-    rewards = score_globally(c, results, c.val_prompts)
+    rewards, failures = score_globally(c, results, c.val_prompts)
     correct = (rewards > 0.5).view(-1, n).sum(dim=1).tolist()
     table = pass_at_k_table([(n, int(k)) for k in correct])
-    return {f"val/pass@{k}": v for k, v in table.items()}
+    return {**{f"val/pass@{k}": v for k, v in table.items()}, **{f"val/{k}": v for k, v in failures.items()}}
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -372,6 +428,9 @@ def train(cfg: Config, arch: ModelArch) -> int:
             c.loader.load_state_dict(loaded.config["loader"])
             start_step = loaded.step
             log(f"resumed from {root} at step {start_step}")
+            if loaded.schedule_changes:  # the rule: the current config wins (trainer/optimizer.build_scheduler)
+                log("LR schedule from the current config, not the checkpoint's: " + ", ".join(
+                    f"{k} {old} -> {new}" for k, (old, new) in loaded.schedule_changes.items()))
         elif resume != "auto":
             raise FileNotFoundError(f"checkpoint.resume={resume!r}: no complete checkpoint there")
     report = c.sync.sync(verify=True)  # the engine starts from the trainer's weights, verified
@@ -418,12 +477,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         arch = arch_from_hf_config(cfg.model.hf_dir)
         if args.dry_run:
             nodes = args.nodes or int(os.environ.get("NNODES", "1"))
-            return dry_run(cfg, arch, nodes, args.gpus_per_node or 8, args.gpu_memory_gib)
+            return dry_run(cfg, arch, nodes, args.gpus_per_node or 8, args.gpu_memory_gib, not args.skip_data)
         check_parallel_config(cfg, arch, int(os.environ.get("WORLD_SIZE", "1")))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return train(cfg, arch)
+    from megatron_simko.parallel.failfast import FailFast, register_cleanup
+    from megatron_simko.rollout.cpu_shm import unlink_own_segments
+
+    guard = FailFast.install()  # one rank's error or a SIGTERM / Ctrl-C ends the whole job, promptly
+    register_cleanup(unlink_own_segments)  # an engine interrupted while being built
+    try:
+        code = train(cfg, arch)
+    except BaseException as exc:
+        guard.fail(exc)  # one line naming the rank, local clean-ups, the other ranks told; never returns
+    guard.close()
+    return code
 
 
 if __name__ == "__main__":

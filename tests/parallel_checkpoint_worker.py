@@ -5,12 +5,17 @@
 1. TP2 × PP1: step 1, save (iter 1), step 2 → the uninterrupted run's step-2 loss and parameters.
 2. A fresh TP2 model (other random weights) and optimizer, load iter 1, step 2 → loss and parameters must be
    bitwise identical to the uninterrupted run.
-3. Reload at TP1 × PP1 (DP2) and at TP1 × PP2: forward-only log-probs of iter 1's weights equal TP2's.
-Also saves steps 1–3 with keep_last=2 into ROOT_prune to check pruning and the ``latest`` pointer.
+3. Resume iter 1 under a changed LR schedule (lr, min_lr, style, decay steps): the config wins.
+4. Reload at TP1 × PP1 (DP2) and at TP1 × PP2: forward-only log-probs of iter 1's weights equal TP2's.
+5. The gradient norm with clipping off (grad_clip=0) and with a clip far above it.
+6. Interleaved PP2 × VPP2 with token-budget micro-batches whose natural count (3) is not a multiple of PP.
+Also saves steps 1–3 with keep_last=2 into ROOT_prune to check pruning and the ``latest`` pointer; records the
+lr of each update (with warmup the first one runs at lr / warmup_steps, not 0).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,12 +43,17 @@ from megatron_simko.config import OptimizerConfig  # noqa: E402
 from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step  # noqa: E402
 from megatron_simko.trainer.step import compute_token_stats  # noqa: E402
 
-ARCH = arch_from_hf_config(dict(
-    architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=128, num_hidden_layers=2, vocab_size=600, max_position_embeddings=128,
-    tie_word_embeddings=False))
+HF_CONFIG = dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, num_hidden_layers=2, vocab_size=600, max_position_embeddings=128,
+                 tie_word_embeddings=False)
+ARCH = arch_from_hf_config(HF_CONFIG)
 OPTIM = OptimizerConfig(lr=1e-3, weight_decay=0.01, grad_clip=1.0, lr_schedule="cosine", warmup_steps=1)
 DECAY_STEPS = 10
+# Section 4: the resumed run's config changes every schedule setting.
+OPTIM_RESUMED = OptimizerConfig(lr=2e-3, min_lr=1e-4, weight_decay=0.01, grad_clip=1.0, lr_schedule="linear",
+                                warmup_steps=1)
+DECAY_STEPS_RESUMED = 20
+ARCH_VPP = arch_from_hf_config(dict(HF_CONFIG, num_hidden_layers=4))
 LOSS = SimKOConfig()
 
 
@@ -59,11 +69,11 @@ def make_batch() -> RLBatch:
                    advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), lengths=lengths)
 
 
-def build(tp: int, pp: int, seed: int):
-    initialize_parallel(tp, pp, seed=seed)
-    chunks = wrap_with_ddp(build_model_chunks(ARCH, trainer_transformer_config(ARCH, tp, pp)))
-    optimizer = build_optimizer(chunks, OPTIM)
-    return chunks, optimizer, build_scheduler(optimizer, OPTIM, decay_steps=DECAY_STEPS)
+def build(tp: int, pp: int, seed: int, optim=OPTIM, decay_steps=DECAY_STEPS, vpp=None, arch=ARCH):
+    initialize_parallel(tp, pp, vpp, seed=seed)
+    chunks = wrap_with_ddp(build_model_chunks(arch, trainer_transformer_config(arch, tp, pp, vpp)))
+    optimizer = build_optimizer(chunks, optim)
+    return chunks, optimizer, build_scheduler(optimizer, optim, decay_steps=decay_steps)
 
 
 def params(chunks):
@@ -86,7 +96,8 @@ def main() -> None:
 
     # 1. uninterrupted TP2 run, saving after step 1.
     chunks, optimizer, scheduler = build(args.save_tp, 1, seed=11)
-    step(chunks, optimizer, scheduler, batch)
+    out1 = step(chunks, optimizer, scheduler, batch)
+    result["first_update_lr"] = out1.lr
     save_checkpoint(args.root, 1, chunks, optimizer, scheduler, config=dict(note="tp2 step 1"))
     ref_stats = compute_token_stats(chunks, batch, 3, ARCH.vocab_size)
     out2 = step(chunks, optimizer, scheduler, batch)
@@ -107,7 +118,14 @@ def main() -> None:
                             params_bitwise_equal=all(torch.equal(params2[n], p)
                                                      for n, p in params(chunks).items()))
 
-    # 3. the TP2 checkpoint at other layouts: model weights only.
+    # 3. resume from iter 1 under a changed LR schedule: the current config's schedule, the saved update count.
+    chunks, optimizer, scheduler = build(args.save_tp, 1, seed=99, optim=OPTIM_RESUMED,
+                                         decay_steps=DECAY_STEPS_RESUMED)
+    info = load_checkpoint(args.root, chunks, optimizer, scheduler, step=1)
+    result["changed_schedule"] = dict(changes={k: list(v) for k, v in info.schedule_changes.items()},
+                                      lr=step(chunks, optimizer, scheduler, batch).lr)
+
+    # 4. the TP2 checkpoint at other layouts: model weights only.
     for tp, pp in [(t, p) for t, p in ((1, 1), (1, 2)) if world % (t * p) == 0]:
         chunks, optimizer, scheduler = build(tp, pp, seed=5)
         try:
@@ -124,6 +142,23 @@ def main() -> None:
             logprob_err=diff(stats.target_logprob, ref_stats.target_logprob),
             entropy_err=diff(stats.entropy, ref_stats.entropy),
             topk_ids_equal=bool(torch.equal(stats.topk_ids.cpu()[valid], ref_stats.topk_ids.cpu()[valid])))
+
+    # 5. clipping off still reports the real global gradient norm (the clipping path's norm, never clipping).
+    norms = {}
+    for clip in (0.0, 1e9):
+        chunks, optimizer, scheduler = build(args.save_tp, 1, seed=11, optim=dataclasses.replace(OPTIM, grad_clip=clip))
+        norms[str(clip)] = step(chunks, optimizer, scheduler, batch).grad_norm
+    result["grad_norm"] = norms
+
+    # 6. interleaved PP2 × VPP2: token-budget packing makes 3 micro-batches, the schedule needs a multiple of 2.
+    if world == 2:
+        chunks, optimizer, scheduler = build(1, 2, seed=5, vpp=2, arch=ARCH_VPP)
+        budget = compute_token_stats(chunks, batch, 3, ARCH.vocab_size, max_tokens=24, broadcast_to_all_stages=True)
+        even = compute_token_stats(chunks, batch, 3, ARCH.vocab_size, num_microbatches=2,
+                                   broadcast_to_all_stages=True)
+        out = train_step(chunks, optimizer, scheduler, batch, LOSS, ARCH.vocab_size, max_tokens=24)
+        result["vpp"] = dict(logprob_maxdiff=float((budget.target_logprob - even.target_logprob).abs().max()),
+                             num_microbatches=out.num_microbatches, loss=out.loss)
 
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)

@@ -59,6 +59,12 @@ def test_overrides_are_typed():
         (["model.dtype=fp16"], "model.dtype"),
         (["parallel.sequence_parallel=maybe"], "expected true/false"),
         (["loss.alpha"], "not of the form key.sub=value"),
+        # accepted before, silently training nothing or something else:
+        (["rollout.n_samples=1"], "rollout.n_samples: must be >= 2, got 1: GRPO advantages"),
+        (["data.reward_timeout_s=0"], "data.reward_timeout_s: must be > 0 seconds"),
+        (["data.reward_timeout_s=-1"], "data.reward_timeout_s: must be > 0 seconds"),
+        (["rollout.top_p=0.9"], "rollout.top_p: must be 1.0 for training rollouts, got 0.9"),
+        (["train.validate_every=-1"], "train.validate_every: must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -76,6 +82,12 @@ def test_cross_section_validation():
         config_from_dict({}, base + ["train.micro_batch_tokens=100"]).validate()
     with pytest.raises(ConfigError, match="model.hf_dir"):
         Config().validate()
+    with pytest.raises(ConfigError, match="train.validate_every: is 5 but data.validation is not set"):
+        config_from_dict({}, base + ["train.validate_every=5"]).validate()
+    config_from_dict({}, base + ["train.validate_every=5", "data.validation=reasoning_gym/chain_sum"]).validate()
+    with pytest.raises(ConfigError, match="data.reasoning_gym_config: is set, but neither"):
+        config_from_dict({}, ["model.hf_dir=/m", "data.train=a.jsonl", "data.reasoning_gym_config={min_terms: 2}"]
+                         ).validate()
 
 
 def test_save_and_reload_roundtrip(tmp_path):

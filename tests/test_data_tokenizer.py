@@ -78,3 +78,20 @@ def test_byte_level_bpe_survives_a_qwen2_model_folder(tmp_path):
         ids = tok.encode(text)
         assert ids == core.encode(text, add_special_tokens=False).ids and tok.decode(ids) == text
     assert tok.eos_id == tok.token_to_id("<|im_end|>") == 2
+
+
+def test_over_long_prompts_are_dropped_when_the_dataset_loads(trained):
+    """drop_long_prompts keeps exactly the prompts whose chat rendering fits the budget (lengths recomputed
+    here), and says so when none fits."""
+    from megatron_simko.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, drop_long_prompts, prompt_token_ids
+
+    tok = load_tokenizer(trained[2])
+    examples = [PromptExample("1 + 2" + " + 3" * k, "x", "math") for k in range(0, 60, 3)]
+    lengths = [len(tok.encode(render_prompt(ex, tok, system=DEFAULT_SYSTEM, instruction=DEFAULT_INSTRUCTION)))
+               for ex in examples]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, dropped = drop_long_prompts(examples, tok, limit, DEFAULT_SYSTEM, DEFAULT_INSTRUCTION, "data.train")
+    assert kept == [ex for ex, n in zip(examples, lengths) if n <= limit] and dropped == len(examples) - len(kept) > 0
+    assert all(len(prompt_token_ids(ex, tok, DEFAULT_SYSTEM, DEFAULT_INSTRUCTION)) <= limit for ex in kept)
+    with pytest.raises(ValueError, match=r"data.train: all 20 prompts are longer than rollout.max_prompt_length=5"):
+        drop_long_prompts(examples, tok, 5, DEFAULT_SYSTEM, DEFAULT_INSTRUCTION, "data.train")

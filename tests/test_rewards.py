@@ -101,11 +101,17 @@ def test_registry_by_longest_prefix():
 
 
 def test_pathological_math_answer_is_time_limited(scorer):
-    """Answers whose evaluation would take forever (9^9^9^9, (10^10^10)!) score 0 within the limit."""
+    """Answers whose evaluation would take forever (9^9^9^9, (10^10^10)!) score 0 within the limit, and each
+    time limit hit is counted (math-verify's own, here: it reports them only as a log line)."""
     patho = ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{(10^{10^{10}})!}", "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}"]
+    before = scorer.counters()
     t0 = time.perf_counter()
     assert scorer.score(patho + ["\\boxed{1}"], [math("1")] * 4) == [0.0, 0.0, 0.0, 1.0]
     assert time.perf_counter() - t0 < 4 * scorer.timeout_s
+    after = scorer.counters()
+    assert after["timeouts"] + after["verify_timeouts"] - before["timeouts"] - before["verify_timeouts"] == 3
+    assert after["verify_timeouts"] > before["verify_timeouts"] and after["errors"] == before["errors"]
+    assert scorer.score(["\\boxed{2}"], [math("2")]) == [1.0] and scorer.counters() == after  # no false alarms
 
 
 def test_hung_crashed_or_raising_reward_scores_zero_and_the_batch_goes_on(scorer):
@@ -113,10 +119,10 @@ def test_hung_crashed_or_raising_reward_scores_zero_and_the_batch_goes_on(scorer
         register_reward(prefix, fn)
     try:
         examples = [math("1")] + [PromptExample("q", "1", f"test/{p}") for p in ("hang", "raise", "crash")] + [math("2")]
-        counts = (scorer.n_timeouts, scorer.n_errors)
+        counts = scorer.counters()
         t0 = time.perf_counter()
         assert scorer.score(["\\boxed{1}"] * 4 + ["\\boxed{2}"], examples) == [1.0, 0.0, 0.0, 0.0, 1.0]
-        assert (scorer.n_timeouts, scorer.n_errors) == (counts[0] + 1, counts[1] + 2)
+        assert scorer.counters() == dict(counts, timeouts=counts["timeouts"] + 1, errors=counts["errors"] + 2)
         assert time.perf_counter() - t0 < scorer.timeout_s + 60  # the limit + two worker restarts
     finally:
         for prefix in ("test/hang", "test/crash", "test/raise"):

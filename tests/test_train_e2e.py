@@ -3,6 +3,7 @@ checkpoints — and resume from a checkpoint reproduces the uninterrupted run's 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,12 @@ TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
 NONDETERMINISTIC = ("time", "time/", "throughput/", "sync/seconds", "memory/")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", VLLM_LOGGING_LEVEL="WARNING",
                PYTHONWARNINGS="ignore")
@@ -23,8 +30,8 @@ def _env():
     return env
 
 
-def _train(log_dir, model_dir, *overrides, port):
-    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(port), "-m", "megatron_simko.train",
+def _train(log_dir, model_dir, *overrides):
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "megatron_simko.train",
            "--config", os.path.join(ROOT, "examples/configs/quickstart.yaml"), f"model.hf_dir={model_dir}",
            f"train.log_dir={log_dir}", "data.prompts_per_step=8", "train.mini_batch_size=4", "rollout.n_samples=4",
            "rollout.max_response_length=16", "data.validation_size=4", "train.validate_every=2", *overrides]
@@ -34,20 +41,11 @@ def _train(log_dir, model_dir, *overrides, port):
         return [json.loads(line) for line in f], proc.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    proc = subprocess.run([PY, "tools/make_tiny_model.py", "--out-dir", str(out), "--sft-steps", "150",
-                           "--eval-prompts", "0"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return str(out)
-
-
 @pytest.mark.slow
 def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     run_a = tmp_path / "a"
     metrics_a, stdout = _train(run_a, tiny_model, "train.steps=2", "checkpoint.save_every=1",
-                               "checkpoint.resume=none", port=29561)
+                               "checkpoint.resume=none")
     assert [m["step"] for m in metrics_a] == [1, 2]
     for m in metrics_a:
         # the engine's log-probs are the trainer's (fp32 on both sides, weights synced and checksum-verified)
@@ -95,7 +93,7 @@ def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     shutil.copytree(ckpt / "iter_0000001", run_b / "checkpoints" / "iter_0000001")
     (run_b / "checkpoints" / "latest").write_text("1")
     metrics_b, stdout_b = _train(run_b, tiny_model, "train.steps=2", "checkpoint.save_every=1",
-                                 "checkpoint.resume=auto", port=29563)
+                                 "checkpoint.resume=auto")
     assert "resumed" in stdout_b and [m["step"] for m in metrics_b] == [2]
     a, b = metrics_a[1], metrics_b[0]
     compared = [k for k in a if not k.startswith(NONDETERMINISTIC)]
@@ -104,14 +102,26 @@ def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     assert not diffs, f"resumed step differs: {diffs}"
 
 
-def test_dry_run_of_the_7b_script():
-    proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+def test_dry_run_of_the_7b_script(tmp_path):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(1024)))
+    proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run", f"data.train={data}",
+                           f"data.validation={data}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(_env(), PYTHON=PY))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "config OK: Qwen2ForCausalLM (7.62 B parameters" in out
     assert "32 ranks = TP 2 × PP 1 × DP 16" in out
     assert "peak, training phase" in out and "fits" in out
+    assert "data OK: 1024 train prompts, 64 validation prompts (prompt lengths not checked: no tokenizer" in out
+    # the datasets are read by default; without them, --skip-data checks the layout only
+    proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(_env(), PYTHON=PY))
+    assert proc.returncode == 2 and "data.train: no such file 'data/math_train.jsonl'" in proc.stderr, proc.stderr
+    proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run", "--skip-data"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(_env(), PYTHON=PY))
+    assert proc.returncode == 0 and "data: not read (--skip-data)" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("override, needle", [

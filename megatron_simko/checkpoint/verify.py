@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from megatron_simko.checkpoint import convert
 from megatron_simko.checkpoint.safetensors_io import SafetensorsDir
 from megatron_simko.models.gpt import arch_from_hf_config, validate_parallelism
+from megatron_simko.parallel.initialize import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOGITS_TOLERANCE = 1e-5
@@ -75,12 +75,6 @@ def save_reference(hf_dir: str, path: str, batch: int = 2, seq_len: int = 16) ->
     return logits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_logits_worker(tp: int, pp: int, checks: List[str], ref_path, result_path: str,
                       timeout: float = 900) -> list:
     """Launch ``verify_worker`` on tp·pp processes (plain python for one) and return its result list."""
@@ -90,9 +84,9 @@ def run_logits_worker(tp: int, pp: int, checks: List[str], ref_path, result_path
     if n > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-               "--master-port", str(_free_port()), "-m", "megatron_simko.checkpoint.verify_worker"]
+               "--master-port", str(free_port()), "-m", "megatron_simko.checkpoint.verify_worker"]
     else:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         cmd = [sys.executable, "-m", "megatron_simko.checkpoint.verify_worker"]
     cmd += ["--tp", str(tp), "--pp", str(pp), "--result", result_path]
     for ref in [ref_path] if isinstance(ref_path, str) else ref_path:  # one for all checks, or one per check

@@ -78,7 +78,9 @@ class PromptLoader:
         for key in ("seed", "global_batch_size", "dataset_size"):
             mine = self.state_dict()[key]
             if state.get(key, mine) != mine:
-                raise ValueError(f"loader state mismatch: checkpoint {key}={state[key]}, current {mine}")
+                hint = (" (the dataset changed since the checkpoint, or which prompts are dropped as longer than "
+                        "rollout.max_prompt_length did)" if key == "dataset_size" else "")
+                raise ValueError(f"loader state mismatch: checkpoint {key}={state[key]}, current {mine}{hint}")
         if not 0 <= state["step_in_epoch"] < self.steps_per_epoch:
             raise ValueError(f"loader state step_in_epoch={state['step_in_epoch']} outside this dataset's "
                              f"{self.steps_per_epoch} steps per epoch")

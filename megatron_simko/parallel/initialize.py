@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,11 +41,21 @@ class ParallelLayout:
         return self.pp_rank == self.pp - 1
 
 
+def free_port() -> int:
+    """A TCP port that is free now on this machine (for a launch's MASTER_PORT; fixed ports collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
-    """torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT); single process if unset."""
+    """torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT); single process if unset
+    (on a free port, so that concurrent single-process runs do not collide)."""
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

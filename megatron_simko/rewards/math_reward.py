@@ -1,6 +1,7 @@
 """Math reward: math-verify on the last \\boxed{...} of the response against the gold answer (1.0 or 0.0)."""
 from __future__ import annotations
 
+import logging
 import threading
 from functools import lru_cache
 
@@ -9,6 +10,46 @@ from .extract import last_boxed
 # math-verify's own limit per parse / comparison (signal.alarm, whole seconds, main thread only). It stops
 # sympy blow-ups early; the hard guarantee is the isolated worker's kill (rewards/worker.py).
 INNER_TIMEOUT_S = 1
+
+
+def set_inner_timeout(seconds: int) -> None:
+    """math-verify's own limit (whole seconds, >= 1) for parses and comparisons in this process."""
+    global INNER_TIMEOUT_S
+    INNER_TIMEOUT_S = max(1, int(seconds))
+
+
+class _TimeoutCounter(logging.Handler):
+    """math-verify reports its own time limit only as a log warning ("Timeout during parsing / comparison")
+    and returns "no match": count those (the response scores 0 either way), pass real errors on to stderr."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.count = 0
+        self._errors = logging.StreamHandler()
+        self._errors.setLevel(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Timeout during"):
+            self.count += 1
+        elif record.levelno >= logging.ERROR:
+            self._errors.emit(record)
+
+
+_timeouts = _TimeoutCounter()
+
+
+def count_verify_timeouts() -> None:
+    """From now on, count math-verify's own time-limit hits (see verify_timeouts) instead of logging them."""
+    mv = logging.getLogger("math_verify")
+    if _timeouts not in mv.handlers:
+        mv.addHandler(_timeouts)
+        mv.setLevel(logging.WARNING)
+        mv.propagate = False
+
+
+def verify_timeouts() -> int:
+    """math-verify time-limit hits in this process since count_verify_timeouts()."""
+    return _timeouts.count
 
 
 def _timeout() -> int | None:

@@ -63,12 +63,16 @@ class RewardScorer:
     timeout_s: hard limit per response (default 5 s); a response past it gets 0.0 and the worker is restarted.
     The first call starts the worker (about 1 to 4 s: imports and a warm-up verify); later calls cost the
     scoring itself plus about 0.1 ms per response of pipe traffic. Thread-safe; one worker per scorer.
-    Counters: `n_scored`, `n_timeouts`, `n_errors` (a reward function raised: 0.0).
+    Counters (cumulative; `counters()` reads them): `n_scored`; `n_timeouts` (past the hard limit: 0.0);
+    `n_errors` (a reward function raised, or the worker died: 0.0); `n_verify_timeouts` (math-verify's own
+    per-step time limit cut a parse or comparison short: "no match", usually 0.0).
     """
 
     def __init__(self, timeout_s: float = 5.0, startup_timeout_s: float = 120.0):
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s, self.startup_timeout_s = float(timeout_s), float(startup_timeout_s)
-        self.n_scored = self.n_timeouts = self.n_errors = 0
+        self.n_scored = self.n_timeouts = self.n_errors = self.n_verify_timeouts = 0
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -126,6 +130,10 @@ class RewardScorer:
         except Exception:
             pass
 
+    def counters(self) -> dict[str, int]:
+        """The failure counters so far: {"timeouts", "errors", "verify_timeouts"} (see the class docstring)."""
+        return {"timeouts": self.n_timeouts, "errors": self.n_errors, "verify_timeouts": self.n_verify_timeouts}
+
     # -- scoring
     def score(self, responses: Sequence[str], examples: Sequence[Any]) -> list[float]:
         """Rewards for responses[i] against examples[i] (data_source selects the reward function)."""
@@ -157,12 +165,14 @@ class RewardScorer:
                 done = 0
                 try:
                     while done < len(todo):
-                        _, reward, error = _recv(self._proc.stdout.fileno(), time.monotonic() + self.timeout_s)
+                        _, reward, error, verify_timeout = _recv(self._proc.stdout.fileno(),
+                                                                 time.monotonic() + self.timeout_s)
                         i = todo[done][0]
                         rewards[i] = reward
                         if error:
                             self.n_errors += 1
                             logger.warning("reward function raised for item %d: %s", i, error)
+                        self.n_verify_timeouts += int(verify_timeout)
                         done += 1
                 except (TimeoutError, EOFError) as e:
                     i = todo[done][0]
@@ -226,11 +236,12 @@ def _serve() -> None:
     out_fd = os.dup(1)  # messages go to the real stdout; anything printed goes to stderr
     os.dup2(2, 1)
     in_fd = sys.stdin.fileno()
-    from . import math_reward
+    # (the package exports the function math_reward, which shadows the module name: import the names)
+    from .math_reward import count_verify_timeouts, set_inner_timeout, verify_timeouts
 
     _, inner = _recv(in_fd)
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its timeouts are expected: they score 0.0
-    math_reward.INNER_TIMEOUT_S = inner
+    count_verify_timeouts()  # math-verify's own time limit scores 0.0: counted and reported per response
+    set_inner_timeout(inner)
     try:
         _warm_up()
     except Exception as e:  # report, don't die silently
@@ -247,7 +258,9 @@ def _serve() -> None:
         _prepare([example for _, _, _, example in msg[1]])
         _send(out_fd, ("prepared",))
         for i, fn, response, example in msg[1]:
+            before = verify_timeouts()
             try:
-                _send(out_fd, (i, float(fn(response, example)), None))
+                reward, error = float(fn(response, example)), None
             except Exception as e:
-                _send(out_fd, (i, 0.0, f"{type(e).__name__}: {e}"))
+                reward, error = 0.0, f"{type(e).__name__}: {e}"
+            _send(out_fd, (i, reward, error, verify_timeouts() > before))

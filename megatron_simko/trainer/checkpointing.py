@@ -26,8 +26,8 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -167,6 +167,10 @@ def save_checkpoint(root: str, step: int, model_chunks, optimizer=None, schedule
     return final
 
 
+# The LR schedule's settings in megatron's scheduler state; on resume the current config's values are used.
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
 @dataclass
 class LoadedCheckpoint:
     step: int
@@ -174,12 +178,17 @@ class LoadedCheckpoint:
     saved_layout: dict
     loaded_optimizer: bool
     loaded_rng: bool
+    schedule_changes: Dict[str, Tuple[object, object]] = field(default_factory=dict)  # key: (saved, now used)
 
 
 def load_checkpoint(root: str, model_chunks, optimizer=None, scheduler=None, step: Optional[int] = None,
                     load_optimizer: bool = True, load_rng: bool = True, strict: bool = True) -> LoadedCheckpoint:
     """Collective. Loads ``step`` (default: ``latest``) into the model chunks (any layout) and, when the
-    layout matches the saved one, the optimizer and RNG states. Scheduler state is layout-independent."""
+    layout matches the saved one, the optimizer and RNG states. Scheduler state is layout-independent.
+
+    Hyperparameters follow the CURRENT configuration, not the checkpoint: the optimizer's param-group settings
+    (lr bounds, betas, eps, weight decay) stay as built, and the scheduler (``build_scheduler``) takes only the
+    update count from the checkpoint; ``schedule_changes`` lists the schedule settings that differ."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
@@ -214,12 +223,20 @@ def load_checkpoint(root: str, model_chunks, optimizer=None, scheduler=None, ste
         for i, chunk in enumerate(model_chunks):
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=strict)
     if with_optimizer:
+        # The current config's hyperparameters win over the saved ones (Adam moments and steps come back).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(loaded["optimizer"])
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update(h)
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
         optimizer.reload_model_params()  # fp32 main params from the freshly loaded (bf16) weights
+    schedule_changes = {}
     if scheduler is not None and loaded.get("scheduler") is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
+        saved, current = loaded["scheduler"], scheduler.state_dict()
+        schedule_changes = {k: (saved[k], current[k]) for k in SCHEDULE_KEYS
+                            if k in saved and saved[k] != current[k]}
+        scheduler.load_state_dict(saved)  # built with override_opt_param_scheduler: only the update count loads
     if with_rng:
         _set_rng(loaded["rng_state"])
     return LoadedCheckpoint(step=int(loaded["step"]), config=loaded.get("config", {}), saved_layout=saved_layout,
-                            loaded_optimizer=with_optimizer, loaded_rng=with_rng)
+                            loaded_optimizer=with_optimizer, loaded_rng=with_rng, schedule_changes=schedule_changes)

@@ -5,7 +5,8 @@ Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main p
 
 No silent NaN: before each optimizer step, every rank checks its loss and the norms of its gradients, and
 one all-reduce (MAX over the world) makes every rank agree. A non-finite value anywhere skips the update on
-every rank (weights, Adam state and LR schedule untouched), and :class:`BadUpdateGuard` counts such updates:
+every rank (weights and Adam state untouched; the LR schedule still counts the attempted update, as it
+counts every update slot — see train_step), and :class:`BadUpdateGuard` counts such updates:
 after ``train.max_bad_steps`` consecutive ones the run stops with :class:`NonFiniteUpdateError`, naming the
 step. Weights therefore never become NaN through an update, and no such weight reaches a checkpoint.
 """
@@ -41,7 +42,9 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, u
         adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2,
         adam_eps=cfg.adam_eps,
-        clip_grad=cfg.grad_clip,
+        # 0 disables clipping; megatron-core would then skip the norm too (and report 0.0): clip at +inf instead,
+        # a no-op (clip coefficient inf / norm > 1) that still computes the real global norm.
+        clip_grad=cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
         bf16=bf16,
         params_dtype=model_config.params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
@@ -54,9 +57,14 @@ def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, u
 
 
 def build_scheduler(optimizer, cfg: OptimizerConfig, decay_steps: int = 1):
-    """megatron-core ``OptimizerParamScheduler``, stepped once per optimizer update: lr rises linearly from 0
-    over ``cfg.warmup_steps`` updates (if any), then stays (constant) or decays to ``min_lr`` by update
-    ``decay_steps`` (linear / cosine). Weight decay constant."""
+    """megatron-core ``OptimizerParamScheduler``, stepped once per update slot just BEFORE the update
+    (``train_step``; a skipped update still takes its slot), so update k = 1, 2, ... runs at: lr·k/W during
+    warmup (k ≤ W = ``cfg.warmup_steps``; the first update at lr/W, never 0), then lr (constant) or a decay
+    to ``min_lr`` reached at update ``decay_steps`` (linear / cosine). Weight decay constant.
+
+    On resume the CURRENT config wins (``override_opt_param_scheduler``): lr, min_lr, warmup, decay style
+    and decay steps come from ``cfg``; only the update count comes from the checkpoint (``load_checkpoint``
+    reports what changed)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     constant = cfg.lr_schedule == "constant"
@@ -74,6 +82,8 @@ def build_scheduler(optimizer, cfg: OptimizerConfig, decay_steps: int = 1):
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 
@@ -160,15 +170,14 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch:
                            selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
     if grad_hook is not None:
         grad_hook(model_chunks)
+    scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
     lr = current_lr(optimizer)
     skipped = nonfinite_anywhere(out.loss, model_chunks)
-    if skipped:
+    if skipped:  # the schedule slot above is used up all the same: the schedule counts attempted updates
         update_successful, grad_norm = False, math.nan
     else:
         with cuda_to_cpu():
             update_successful, grad_norm, _ = optimizer.step()
-        if update_successful:
-            scheduler.step(increment=1)
     if guard is not None:
         guard.record(skipped, f"RL step {step}" if step is not None else "train_step")
     return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,

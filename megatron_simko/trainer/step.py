@@ -52,12 +52,18 @@ def causal_attention_mask(seq_len: int, device) -> torch.Tensor:
 
 def make_microbatches(batch: RLBatch, num_microbatches: Optional[int] = None, max_tokens: Optional[int] = None,
                       dp_group=None, min_microbatches: int = 1) -> List[RLBatch]:
-    """Either ``num_microbatches`` equal splits or token-budget packing (``max_tokens``), not both."""
+    """Either ``num_microbatches`` equal splits or token-budget packing (``max_tokens``), not both. Packing
+    under the interleaved pipeline schedule (virtual PP) makes a multiple of the PP size, as it requires."""
+    from megatron.core import parallel_state as mpu
+
     if (num_microbatches is None) == (max_tokens is None):
         raise ValueError("give exactly one of num_microbatches or max_tokens")
     if num_microbatches is not None:
         return batch.split(num_microbatches)
-    return token_budget_microbatches(batch, max_tokens, dp_group=dp_group, min_microbatches=min_microbatches)
+    interleaved = (mpu.model_parallel_is_initialized()
+                   and (mpu.get_virtual_pipeline_model_parallel_world_size() or 1) > 1)
+    return token_budget_microbatches(batch, max_tokens, dp_group=dp_group, min_microbatches=min_microbatches,
+                                     multiple_of=mpu.get_pipeline_model_parallel_world_size() if interleaved else 1)
 
 
 def uniform_shapes(model_chunks, microbatches: List[RLBatch]) -> List[RLBatch]:

@@ -1,0 +1,61 @@
+"""`python -m megatron_simko.train --dry-run` reads the data the job would read — every row parsed, prompt lengths
+checked with the model's tokenizer — so bad data fails before the job holds the cluster (no process group)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A Qwen2 config.json and a byte-level BPE tokenizer: all a dry run reads (no weights)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, rg_corpus, train_byte_level_bpe
+
+    d = tmp_path_factory.mktemp("model")
+    core = train_byte_level_bpe(rg_corpus(["chain_sum"], per_task=100), 512,
+                                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=CHATML_TEMPLATE).save_pretrained(d)
+    (d / "config.json").write_text(json.dumps(dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=128, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=256, num_hidden_layers=2, vocab_size=512,
+        max_position_embeddings=512, tie_word_embeddings=True)))
+    return str(d)
+
+
+def dry_run(model_dir, rows, tmp_path, *overrides):
+    """The quickstart config on a jsonl training set (no validation set)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "megatron_simko.train", "--config", "examples/configs/quickstart.yaml", "--dry-run",
+           "--nodes", "1", "--gpus-per-node", "2", f"model.hf_dir={model_dir}", f"data.train={data}",
+           "data.reasoning_gym_config={}", "data.validation=null", "train.validate_every=0", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+
+
+ROWS = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(20)]
+
+
+def test_a_malformed_row_fails_the_dry_run(model_dir, tmp_path):
+    rows = ROWS[:2] + ['{"problem": "What is 2 + 2?", "answer": 4\n'] + ROWS[2:]
+    proc = dry_run(model_dir, rows, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "train.jsonl: row 3: field '<row>': invalid JSON" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_over_long_prompts_are_counted_by_the_dry_run(model_dir, tmp_path):
+    rows = ROWS + [{"problem": "What is " + " + ".join(["1"] * 200) + "?", "answer": "200"}]
+    proc = dry_run(model_dir, rows, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data.train: dropped 1 of 21 prompts longer than rollout.max_prompt_length=192 tokens" in proc.stdout
+    assert "data OK: 20 train prompts" in proc.stdout
+    proc = dry_run(model_dir, rows, tmp_path, "rollout.max_prompt_length=8", "train.micro_batch_tokens=2048")
+    assert proc.returncode == 2 and "data.train: all 21 prompts are longer than rollout.max_prompt_length=8" \
+        in proc.stderr, proc.stderr[-2000:]
