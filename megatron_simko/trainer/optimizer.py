@@ -5,8 +5,7 @@ Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main p
 
 No silent NaN: before each optimizer step, every rank checks its loss and the norms of its gradients, and
 one all-reduce (MAX over the world) makes every rank agree. A non-finite value anywhere skips the update on
-every rank (weights and Adam state untouched; the LR schedule still counts the attempted update, as it
-counts every update slot — see train_step), and :class:`BadUpdateGuard` counts such updates:
+every rank (weights, Adam state and LR schedule untouched), and :class:`BadUpdateGuard` counts such updates:
 after ``train.max_bad_steps`` consecutive ones the run stops with :class:`NonFiniteUpdateError`, naming the
 step. Weights therefore never become NaN through an update, and no such weight reaches a checkpoint.
 """
@@ -170,12 +169,12 @@ def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch:
                            selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
     if grad_hook is not None:
         grad_hook(model_chunks)
-    scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
-    lr = current_lr(optimizer)
     skipped = nonfinite_anywhere(out.loss, model_chunks)
-    if skipped:  # the schedule slot above is used up all the same: the schedule counts attempted updates
-        update_successful, grad_norm = False, math.nan
+    if skipped:  # nothing moves, the LR schedule included (as megatron-core does for a skipped update)
+        update_successful, grad_norm, lr = False, math.nan, current_lr(optimizer)
     else:
+        scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
+        lr = current_lr(optimizer)
         with cuda_to_cpu():
             update_successful, grad_norm, _ = optimizer.step()
     if guard is not None:
