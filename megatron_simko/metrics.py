@@ -1,5 +1,8 @@
 """Per-step metrics: a jsonl file (one JSON object per step), TensorBoard scalars and histograms, and a
 concise console line. Only the logging rank (global rank 0) writes; other ranks get a no-op logger.
+
+Histograms also go to ``histograms.jsonl`` (one line per step and name: fixed bins ``HIST_BINS`` over
+``HIST_RANGE``, values clamped into it, so steps and runs compare bin by bin; the study's plots read it).
 """
 from __future__ import annotations
 
@@ -11,31 +14,37 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+HIST_RANGE = (0.0, 12.0)  # nats: entropy <= ln V < 12 for vocabularies up to 162k
+HIST_BINS = 240  # 0.05 nats per bin
+
 
 class MetricsLogger:
     def __init__(self, log_dir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.log_dir = log_dir
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self.hist_path = os.path.join(log_dir, "histograms.jsonl")
         self._tb = None
         self._history: list[Dict[str, float]] = []
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
-        if resume_step > 0 and os.path.exists(self.jsonl_path):
-            self._truncate_after(resume_step)  # a resumed run rewrites the steps after its checkpoint
+        for path in (self.jsonl_path, self.hist_path):
+            if resume_step > 0 and os.path.exists(path):
+                self._truncate_after(path, resume_step)  # a resumed run rewrites the steps after its checkpoint
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"), purge_step=resume_step + 1)
 
-    def _truncate_after(self, step: int) -> None:
-        with open(self.jsonl_path, encoding="utf-8") as f:
+    @staticmethod
+    def _truncate_after(path: str, step: int) -> None:
+        with open(path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.jsonl_path + ".tmp"
+        tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        os.replace(tmp, path)
 
     def log(self, step: int, scalars: Mapping[str, float], histograms: Optional[Mapping[str, torch.Tensor]] = None):
         if not self.enabled:
@@ -45,13 +54,19 @@ class MetricsLogger:
         self._history.append(record)
         with open(self.jsonl_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        hists = {k: v.detach().float().cpu() for k, v in (histograms or {}).items() if v.numel() > 0}
+        if hists:
+            with open(self.hist_path, "a", encoding="utf-8") as f:
+                for k, values in hists.items():
+                    counts = torch.histc(values.clamp(*HIST_RANGE), bins=HIST_BINS, min=HIST_RANGE[0], max=HIST_RANGE[1])
+                    f.write(json.dumps({"step": step, "name": k, "range": list(HIST_RANGE), "bins": HIST_BINS,
+                                        "counts": [int(c) for c in counts.tolist()]}) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
                 if v is not None and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), step)
-            for k, values in (histograms or {}).items():
-                if values.numel() > 0:
-                    self._tb.add_histogram(k, values.detach().float().cpu(), step)
+            for k, values in hists.items():
+                self._tb.add_histogram(k, values, step)
             self._tb.flush()
 
     def summary(self, keys=("reward/mean", "train/pass@1", "entropy/mean", "loss/clip_fraction")) -> str:

@@ -91,3 +91,24 @@ def test_short_sft_with_force_records_accuracy(model_dir, capsys):
     assert record["sft_steps"] == 6 and record["sft"]["final_loss"] < record["sft"]["first_loss"]
     assert 0.0 <= record["eval"]["accuracy"] <= 1.0 and record["eval"]["samples_per_prompt"] == 2
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["model"]
+
+
+def test_countdown_target_and_spec_defaults():
+    """The study's task: the SFT response restates numbers and target before the reference expression, which
+    the task's own checker accepts; countdown stops SFT on sampled accuracy (many valid answers)."""
+    from megatron_simko.data import load_prompts
+    from megatron_simko.models.tiny import TinyModelSpec, response_text
+    from megatron_simko.rewards.reasoning_gym_reward import reasoning_gym_reward
+
+    cfg = make_tiny_model.DEFAULT_TASK_CONFIGS["countdown"]
+    for ex in load_prompts("reasoning_gym/countdown", size=5, seed=0, **cfg):
+        meta = ex.metadata["rg_entry"]["metadata"]
+        text = response_text(ex, "countdown")
+        assert text.startswith(", ".join(map(str, meta["numbers"])) + f" -> {meta['target']}: \\boxed{{")
+        assert reasoning_gym_reward(text, ex) == 1.0
+        assert set(ex.answer) <= set("0123456789+- ")  # operators as configured
+    spec = TinyModelSpec(task="countdown").resolved()
+    assert spec.stop_metric == "sampled" and spec.task_config == cfg
+    assert TinyModelSpec().resolved().stop_metric == "expected"
+    with pytest.raises(ValueError, match="stop_metric"):
+        TinyModelSpec(stop_metric="nope").resolved()
