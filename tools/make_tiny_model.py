@@ -2,7 +2,8 @@
 """Makes the tiny warm-started model of the quickstart and the toy pass@K study (megatron_simko/models/tiny.py).
 
     python tools/make_tiny_model.py --out-dir runs/tiny_model [--task chain_sum] [--task-config JSON] \
-        [--sft-steps N] [--target-accuracy A] [--stop-metric expected|sampled] [--num-layers L] [--seed S] [--force]
+        [--prompt-style task|compact] [--sft-steps N] [--target-accuracy A] [--stop-metric expected|sampled] \
+        [--num-layers L] [--seed S] [--force]
 
 A local byte-level BPE tokenizer, a tiny Qwen2 (hidden 256, head_dim 64), then SFT until the accuracy on held-out
 prompts reaches --target-accuracy (mixed rewards for RL). The folder is built in `<out-dir>.tmp-<pid>` and
@@ -18,8 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_simko.models.tiny import (DEFAULT_TASK_CONFIGS, STOP_METRICS, TinyModelSpec,  # noqa: E402,F401
-                                        make_tiny_model)
+from megatron_simko.models.tiny import (DEFAULT_TASK_CONFIGS, PROMPT_STYLES, STOP_METRICS,  # noqa: E402,F401
+                                        TinyModelSpec, make_tiny_model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--task-config", default=None,
                     help="JSON dict of reasoning-gym task options (default: the built-in one for the task: "
                          + "; ".join(f"{t}: {json.dumps(c)}" for t, c in DEFAULT_TASK_CONFIGS.items()) + ")")
+    ap.add_argument("--prompt-style", choices=PROMPT_STYLES, default=d.prompt_style,
+                    help="task: reasoning-gym's question; compact (countdown): 'Make 6 from 8, 1, 3.' (RL and evaluation "
+                         "must present problems the same way)")
     ap.add_argument("--num-layers", type=int, default=d.num_layers)
     ap.add_argument("--sft-steps", type=int, default=d.sft_steps,
                     help="maximum SFT steps (0 = random model: no SFT, no accuracy check)")
@@ -64,7 +68,8 @@ def main(argv=None) -> int:
         task_config = json.loads(args.task_config) if args.task_config is not None else None
         if task_config is not None and not isinstance(task_config, dict):
             raise ValueError("--task-config must be a JSON object")
-        spec = TinyModelSpec(task=args.task, task_config=task_config, seed=args.seed, num_layers=args.num_layers,
+        spec = TinyModelSpec(task=args.task, task_config=task_config, prompt_style=args.prompt_style, seed=args.seed,
+                             num_layers=args.num_layers,
                              sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, sft_lr=args.sft_lr,
                              target_accuracy=args.target_accuracy, stop_metric=args.stop_metric,
                              check_every=args.check_every, eval_prompts=args.eval_prompts,

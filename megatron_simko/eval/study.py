@@ -6,11 +6,14 @@ and hyper-parameters, base + final models evaluated on held-out problems, figure
 Steps, each skipped when its output exists (a re-run resumes; an unfinished training run resumes from its
 checkpoints, since the trainer's checkpoint.resume defaults to auto):
 
-1. ``model/``          the tiny model (models/tiny.py) with the study's task, difficulty and SFT target
-2. ``heldout.jsonl``   the evaluation problems: the task's validation split at ``eval.data_seed``, minus every
-                       problem of the RL training set, the SFT data and the ``eval.exclude_data_seeds`` splits
-3. ``runs/<mode>-s<seed>/``  one torchrun per (mode, seed): ``train_config`` + ``train_overrides`` + the mode's
-                       overrides + train.seed=<seed>; done once ``hf_final/config.json`` exists
+1. ``model/``          the tiny model (models/tiny.py) for the study's ``task`` (difficulty, prompt style), SFT
+2. ``data/train.jsonl``, ``data/validation.jsonl``, ``heldout.jsonl``  the problems, in the model's prompt style:
+                       RL training and in-training validation sets, and the evaluation problems — the task's
+                       validation split at ``eval.data_seed`` minus every problem of the RL training set, the SFT
+                       data and the ``eval.exclude_data_seeds`` splits (never trained on, not the development set)
+3. ``runs/<mode>-s<seed>/``  one torchrun per (mode, seed), ``parallel_runs`` at a time: ``train_config`` +
+                       ``train_overrides`` + the mode's overrides + train.seed=<seed> + the paths; done once
+                       ``hf_final/config.json`` exists
 4. ``passk/``          tools/eval_passk.py: base + every final model on heldout.jsonl (resumable itself)
 5. ``figures/``, ``table.md``  eval/plots.py; pass@k mean ± std over seeds per mode (results.group_table)
 
@@ -35,7 +38,9 @@ import yaml
 from .results import format_group_table, group_table, read_passk_csv, write_json_atomic, write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOP_KEYS = ("out_dir", "model", "train_config", "train_overrides", "nproc", "threads", "modes", "eval", "variants")
+TOP_KEYS = ("out_dir", "task", "model", "train_config", "train_overrides", "nproc", "threads", "parallel_runs",
+            "modes", "eval", "variants")
+TASK_KEYS = ("name", "config", "prompt_style", "train_size", "train_seed", "validation_size")
 EVAL_KEYS = ("size", "data_seed", "exclude_data_seeds", "n", "samples_per_round", "protocol", "temperature", "top_p",
              "max_tokens", "seed", "table_ks")
 
@@ -59,18 +64,24 @@ def load_study_config(path: str, variant: Optional[str] = None, out_dir: Optiona
         if variant not in variants:
             raise StudyError(f"{path}: no variant {variant!r} (variants: {sorted(variants)})")
         for key, value in variants[variant].items():
-            if key in ("model", "eval") and isinstance(value, dict):
+            if key in ("task", "model", "eval") and isinstance(value, dict):
                 cfg[key] = {**cfg.get(key, {}), **value}
             else:
                 cfg[key] = value
     if out_dir:
         cfg["out_dir"] = out_dir
-    for key in ("out_dir", "model", "train_config", "modes", "eval"):
+    for key in ("out_dir", "task", "model", "train_config", "modes", "eval"):
         if key not in cfg:
             raise StudyError(f"{path}: missing key {key!r}")
-    bad_eval = sorted(set(cfg["eval"]) - set(EVAL_KEYS))
-    if bad_eval:
-        raise StudyError(f"{path}: unknown eval key(s) {bad_eval}; valid: {list(EVAL_KEYS)}")
+    for section, valid in (("eval", EVAL_KEYS), ("task", TASK_KEYS)):
+        bad = sorted(set(cfg[section]) - set(valid))
+        if bad:
+            raise StudyError(f"{path}: unknown {section} key(s) {bad}; valid: {list(valid)}")
+    missing = [k for k in TASK_KEYS if k not in cfg["task"]]
+    if missing:
+        raise StudyError(f"{path}: task needs {missing}")
+    if set(cfg["model"]) & {"task", "task_config", "prompt_style"}:
+        raise StudyError(f"{path}: the model's task comes from the task section; remove it from model")
     if not isinstance(cfg["modes"], dict) or not cfg["modes"]:
         raise StudyError(f"{path}: modes must map a mode name to {{seeds: [...], overrides: [...]}}")
     for mode, spec in cfg["modes"].items():
@@ -80,7 +91,8 @@ def load_study_config(path: str, variant: Optional[str] = None, out_dir: Optiona
             raise StudyError(f"{path}: mode name {mode!r}: letters, digits and '_' only")
     cfg.setdefault("train_overrides", [])
     cfg.setdefault("nproc", 1)
-    cfg.setdefault("threads", 2)
+    cfg.setdefault("threads", 1)
+    cfg.setdefault("parallel_runs", 1)
     cfg["variant"] = variant
     return cfg
 
@@ -90,10 +102,12 @@ def run_names(cfg: dict) -> list[tuple[str, str, int]]:
     return [(f"{mode}-s{seed}", mode, int(seed)) for mode, spec in cfg["modes"].items() for seed in spec["seeds"]]
 
 
-def train_overrides(cfg: dict, mode: str, seed: int, model_dir: str, run_dir: str) -> list[str]:
+def train_overrides(cfg: dict, mode: str, seed: int, out: str) -> list[str]:
     """Everything a run gets on top of train_config: shared overrides, the mode's own, seed, paths."""
     return [*cfg["train_overrides"], *cfg["modes"][mode].get("overrides", []), f"train.seed={seed}",
-            f"model.hf_dir={model_dir}", f"train.log_dir={run_dir}"]
+            f"model.hf_dir={os.path.join(out, 'model')}", f"train.log_dir={os.path.join(out, 'runs', f'{mode}-s{seed}')}",
+            f"data.train={os.path.join(out, 'data', 'train.jsonl')}",
+            f"data.validation={os.path.join(out, 'data', 'validation.jsonl')}"]
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -103,8 +117,15 @@ class Study:
         self.out = os.path.abspath(cfg["out_dir"])
         self.model_dir = os.path.join(self.out, "model")
         self.heldout = os.path.join(self.out, "heldout.jsonl")
+        self.data_dir = os.path.join(self.out, "data")
         self.passk_dir = os.path.join(self.out, "passk")
         self.record: dict[str, Any] = {"config": cfg, "config_file": config_path, "commands": [], "seconds": {}}
+        self.earlier: list = []  # the records of earlier invocations on this folder (a resumed study)
+        path = os.path.join(self.out, "study.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            self.earlier = old.get("earlier", []) + [{k: v for k, v in old.items() if k != "earlier"}]
         self.env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), PYTHONUNBUFFERED="1",
                         VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
                         PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
@@ -117,27 +138,34 @@ class Study:
         self._save_record()
 
     def _save_record(self) -> None:
-        write_json_atomic(os.path.join(self.out, "study.json"), self.record)
+        write_json_atomic(os.path.join(self.out, "study.json"), {**self.record, "earlier": self.earlier})
 
-    def _run(self, cmd: list[str], log_path: str, what: str) -> None:
+    def _start(self, cmd: list[str], log_path: str) -> subprocess.Popen:
         self.record["commands"].append(shlex.join(cmd))
         self.log(f"$ {shlex.join(cmd)}  (log: {os.path.relpath(log_path)})")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "a", encoding="utf-8") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+            return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)
+
+    def _run(self, cmd: list[str], log_path: str, what: str) -> None:
+        self._check(self._start(cmd, log_path).wait(), log_path, what)
+
+    def _check(self, returncode: int, log_path: str, what: str) -> None:
+        if returncode != 0:
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 tail = [ln.rstrip() for ln in f.readlines()[-40:] if ln.strip()]
             for ln in tail[-15:]:
                 self.log(f"  | {ln}")
-            raise StudyError(f"{what} failed (exit {proc.returncode}); full log: {log_path}")
+            raise StudyError(f"{what} failed (exit {returncode}); full log: {log_path}")
 
     # 1
     def make_model(self) -> None:
         if os.path.isfile(os.path.join(self.model_dir, "config.json")):
             self.log(f"== model: {self.model_dir} exists, kept")
             return
-        m = {"threads": self.cfg["threads"], **self.cfg["model"]}
+        t = self.cfg["task"]
+        m = {"threads": self.cfg["threads"], "task": t["name"], "task_config": t["config"],
+             "prompt_style": t["prompt_style"], **self.cfg["model"]}
         cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out-dir", self.model_dir, "--force"]
         for key, value in m.items():
             cmd += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
@@ -155,48 +183,79 @@ class Study:
             raise StudyError(f"train_config {self.cfg['train_config']}: {e}") from None
 
     # 2
-    def make_heldout(self) -> None:
-        if os.path.isfile(self.heldout):
-            self.log(f"== held-out problems: {self.heldout} exists, kept")
-            return
+    def make_data(self) -> None:
+        """data/train.jsonl (RL training problems), data/validation.jsonl (in-training validation) and
+        heldout.jsonl, all in the model's prompt style; held-out = never trained on (RL or SFT), not dev."""
         from ..data import load_prompts, write_prompt_jsonl
-        from ..data.procedural import SOURCE_PREFIX, heldout_prompts
+        from ..data.procedural import heldout_prompts
+        from ..models.tiny import restyle
 
-        d = self._train_config().data
-        if not d.train.startswith(SOURCE_PREFIX):
-            raise StudyError(f"the study's held-out split needs a reasoning_gym/<task> training set, got {d.train!r}")
+        if os.path.isfile(self.heldout):
+            self.log(f"== problems: {self.heldout} exists, kept")
+            return
+        t, e = self.cfg["task"], self.cfg["eval"]
         with open(os.path.join(self.model_dir, "tiny_model.json"), encoding="utf-8") as f:
             made = json.load(f)
-        if made["data_source"] != d.train or made["reasoning_gym_config"] != d.reasoning_gym_config:
-            raise StudyError(f"the model was warm-started on {made['data_source']} {made['reasoning_gym_config']}, "
-                             f"the training config uses {d.train} {d.reasoning_gym_config}; make them agree")
-        e, rg = self.cfg["eval"], d.reasoning_gym_config
-        exclude = [load_prompts(d.train, "train", size=d.train_size, seed=d.seed, **rg)]
+        if (made["task"], made["reasoning_gym_config"], made.get("prompt_style", "task")) != (
+                t["name"], t["config"], t["prompt_style"]):
+            raise StudyError(f"{self.model_dir} was warm-started on {made['task']} {made['reasoning_gym_config']} "
+                             f"({made.get('prompt_style', 'task')} prompts), the study's task differs; delete the folder")
+        source = f"reasoning_gym/{t['name']}"
+        train = load_prompts(source, "train", size=t["train_size"], seed=t["train_seed"], **t["config"])
+        val = load_prompts(source, "validation", size=t["validation_size"], seed=t["train_seed"], **t["config"])
+        exclude = [train]
         if made.get("sft"):
-            exclude.append(load_prompts(d.train, "train", size=made["sft"]["train_problems"], seed=made["seed"], **rg))
-        exclude += [load_prompts(d.train, "validation", size=e["size"], seed=s, **rg)
+            exclude.append(load_prompts(source, "train", size=made["sft"]["train_problems"], seed=made["seed"],
+                                        **t["config"]))
+        exclude += [load_prompts(source, "validation", size=e["size"], seed=s, **t["config"])
                     for s in e.get("exclude_data_seeds", [])]
-        problems = heldout_prompts(d.train[len(SOURCE_PREFIX):], e["size"], e["data_seed"], exclude, **rg)
-        write_prompt_jsonl(self.heldout, problems)
-        self.log(f"== held-out problems: {len(problems)} written to {self.heldout} (excluding "
-                 f"{sum(len(x) for x in exclude)} training / excluded problems)")
+        held = heldout_prompts(t["name"], e["size"], e["data_seed"], exclude, **t["config"])
+        style = lambda exs: [restyle(ex, t["name"], t["prompt_style"]) for ex in exs]  # noqa: E731
+        os.makedirs(self.data_dir, exist_ok=True)
+        write_prompt_jsonl(os.path.join(self.data_dir, "train.jsonl"), style(train))
+        write_prompt_jsonl(os.path.join(self.data_dir, "validation.jsonl"), style(val))
+        write_prompt_jsonl(self.heldout, style(held))  # last: its presence marks the step done
+        self.log(f"== problems: {len(train)} training, {len(val)} validation, {len(held)} held out (none of the "
+                 f"{sum(len(x) for x in exclude)} training / SFT / development problems)")
 
     # 3
     def train_all(self) -> None:
+        """Every unfinished run, `parallel_runs` at a time (independent processes: one per core on a CPU box)."""
+        todo = []
         for name, mode, seed in run_names(self.cfg):
             run_dir = os.path.join(self.out, "runs", name)
             if os.path.isfile(os.path.join(run_dir, "hf_final", "config.json")):
                 self.log(f"== train {name}: finished, kept")
                 continue
-            overrides = train_overrides(self.cfg, mode, seed, self.model_dir, run_dir)
+            overrides = train_overrides(self.cfg, mode, seed, self.out)
             self._train_config(overrides[len(self.cfg["train_overrides"]):])  # a bad override fails here, not in torchrun
-            cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node",
-                   str(self.cfg["nproc"]), "--master-port", str(free_port()), "-m", "megatron_simko.train",
-                   "--config", self.cfg["train_config"], *overrides]
-            self.log(f"== train {name}")
-            t0 = time.perf_counter()
-            self._run(cmd, os.path.join(run_dir, "train.log"), f"training {name}")
-            self.record.setdefault("train_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+            todo.append((name, run_dir, overrides))
+        running: dict = {}  # name -> (process, log path, start time)
+        failed = None
+        while todo or running:
+            while todo and len(running) < self.cfg["parallel_runs"] and failed is None:
+                name, run_dir, overrides = todo.pop(0)
+                cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node",
+                       str(self.cfg["nproc"]), "--master-port", str(free_port()), "-m", "megatron_simko.train",
+                       "--config", self.cfg["train_config"], *overrides]
+                self.log(f"== train {name}")
+                log_path = os.path.join(run_dir, "train.log")
+                running[name] = (self._start(cmd, log_path), log_path, time.perf_counter())
+            if failed is not None and not running:
+                break
+            time.sleep(1.0)
+            for name, (proc, log_path, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode != 0 and failed is None:
+                    failed = (proc.returncode, log_path, f"training {name}")  # let the others finish, start none
+                elif proc.returncode == 0:
+                    self.record.setdefault("train_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+                    self.log(f"== train {name}: done in {time.perf_counter() - t0:.0f} s")
+                    self._save_record()
+        if failed is not None:
+            self._check(*failed)
 
     # 4
     def evaluate(self) -> None:
@@ -236,7 +295,7 @@ class Study:
         os.makedirs(self.out, exist_ok=True)
         t0 = time.perf_counter()
         self._timed("model", self.make_model)
-        self._timed("heldout", self.make_heldout)
+        self._timed("data", self.make_data)
         self._timed("train", self.train_all)
         self._timed("eval", self.evaluate)
         self._timed("report", self.report)

@@ -21,6 +21,8 @@ The RL run must use the same task and task config (recorded in `tiny_model.json`
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -39,6 +41,7 @@ DEFAULT_TASK_CONFIGS = {
                   "max_target": 25, "operators": ["+", "-"]},
 }
 STOP_METRICS = ("expected", "sampled")
+PROMPT_STYLES = ("task", "compact")
 
 # The tiny architecture (see the module docstring for why these numbers).
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -52,9 +55,10 @@ def response_text(example, task: str) -> str:
 
     chain_sum: restate the expression, then the boxed answer ("3 + 5 = \\boxed{8}."). With the operands a few
     tokens before the answer, a 2-layer model learns the sums in a few hundred steps; answering straight after
-    the ~20-token instruction it stays near chance for as long. countdown: restate numbers and target, then the
-    reference expression ("7, 5, 1 -> 1: \\boxed{7 - 1 - 5}."), for the same reason. Other tasks: "The answer
-    is \\boxed{...}.".
+    the ~20-token instruction it stays near chance for as long. countdown (operators + and - only): the numbers in
+    the given order with the signs that reach the target ("7, 5, 1 → 1" gives "\\boxed{7 - 5 - 1}."), so the
+    model copies the numbers in order and only has to choose signs (any other order the checker accepts is
+    left for RL to find). Other tasks: "The answer is \\boxed{...}.".
     """
     if task == "chain_sum":
         expr = example.prompt.rsplit(":", 1)[-1].strip()
@@ -62,13 +66,42 @@ def response_text(example, task: str) -> str:
             return f"{expr} \\boxed{{{example.answer}}}."
     if task == "countdown":
         meta = example.metadata["rg_entry"]["metadata"]
-        numbers = ", ".join(str(x) for x in meta["numbers"])
-        return f"{numbers} -> {meta['target']}: \\boxed{{{example.answer}}}."
+        expr = signed_sum(meta["numbers"], meta["target"])
+        return f"\\boxed{{{expr if expr is not None else example.answer}}}."
     return f"The answer is \\boxed{{{example.answer}}}."
 
 
+def signed_sum(numbers, target) -> Optional[str]:
+    """"a - b + c": the numbers in order with signs summing to target (a leading + preferred), or None."""
+    for signs in itertools.product((1, -1), repeat=len(numbers)):
+        if sum(s * n for s, n in zip(signs, numbers)) == target:
+            head = f"{'-' if signs[0] < 0 else ''}{numbers[0]}"
+            return head + "".join(f" {'+' if s > 0 else '-'} {n}" for s, n in zip(signs[1:], numbers[1:]))
+    return None
+
+
+def restyle(example, task: str, style: str):
+    """The prompt the model sees. "task": reasoning-gym's question as generated. "compact" (countdown only):
+    "Make 6 from 8, 1, 3." — the same problem and checker (the entry stays in the metadata), ~10 tokens instead
+    of the question's ~80 of fixed instructions, which every SFT, RL and evaluation token pays for on a CPU."""
+    if style == "task":
+        return example
+    if style == "compact" and task == "countdown":
+        meta = example.metadata["rg_entry"]["metadata"]
+        return dataclasses.replace(example, prompt=f"Make {meta['target']} from {', '.join(map(str, meta['numbers']))}.")
+    raise ValueError(f"prompt style {style!r} is not defined for task {task!r} (styles: task; compact for countdown)")
+
+
+def task_examples(task: str, task_config: dict, split: str, size: int, seed: int, style: str = "task") -> list:
+    """PromptExamples of one reasoning-gym split, in the given prompt style."""
+    from megatron_simko.data import load_prompts
+
+    return [restyle(ex, task, style)
+            for ex in load_prompts(f"reasoning_gym/{task}", split, size=size, seed=seed, **task_config)]
+
+
 # ----------------------------------------------------------------------------------------------- steps
-def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int):
+def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int, style: str = "task"):
     """Trains the tokenizer on reasoning-gym text and the response format, saves the HF folder, returns the
     core tokenizer (the reference the saved folder is checked against once config.json is next to it).
 
@@ -80,12 +113,12 @@ def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int):
     """
     from transformers import PreTrainedTokenizerFast
 
-    from megatron_simko.data import load_prompts, render_chatml
+    from megatron_simko.data import render_chatml
     from megatron_simko.data.tokenizer import CHATML_TEMPLATE, rg_corpus, train_byte_level_bpe
 
     texts = rg_corpus([task], per_task=500, seed=seed)
     # The configured difficulty, the exact response format and the chat roles, so all of them get merges.
-    for ex in load_prompts(f"reasoning_gym/{task}", size=200, seed=seed, **task_config):
+    for ex in task_examples(task, task_config, "train", 200, seed, style):
         texts += [ex.prompt, response_text(ex, task)]
     texts += [render_chatml([{"role": r, "content": "."}]) for r in ("system", "user", "assistant")] * 50
     core = train_byte_level_bpe(texts, TOKENIZER_VOCAB, SPECIAL_TOKENS)
@@ -97,12 +130,12 @@ def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int):
     return core
 
 
-def tokenizer_samples(task: str, task_config: dict, seed: int) -> list[str]:
+def tokenizer_samples(task: str, task_config: dict, seed: int, style: str = "task") -> list[str]:
     """Texts for the saved-tokenizer check: full SFT sequences and a few awkward strings."""
-    from megatron_simko.data import load_prompts, render_prompt
+    from megatron_simko.data import render_prompt
 
     texts = [render_prompt(ex) + response_text(ex, task) + "<|im_end|>"
-             for ex in load_prompts(f"reasoning_gym/{task}", "validation", size=20, seed=seed, **task_config)]
+             for ex in task_examples(task, task_config, "validation", 20, seed, style)]
     return texts + ["héllo 🙂 ünïcode  two  spaces\n\n\tx ", " lead", "Hi 12, -345.", "\\boxed{\\frac{1}{2}}"]
 
 
@@ -146,13 +179,10 @@ def encode_sft_example(ex, tok, task: str) -> tuple[list[int], list[int]]:
     return tok.encode(render_prompt(ex, tok)), tok.encode(response_text(ex, task)) + [tok.eos_id]
 
 
-def sft_data(tok, task: str, task_config: dict, size: int, seed: int,
-             split: str = "train") -> list[tuple[list[int], list[int]]]:
+def sft_data(tok, task: str, task_config: dict, size: int, seed: int, split: str = "train",
+             style: str = "task") -> list[tuple[list[int], list[int]]]:
     """Encoded (prompt, response + eos) pairs of one split of the task."""
-    from megatron_simko.data import load_prompts
-
-    return [encode_sft_example(ex, tok, task)
-            for ex in load_prompts(f"reasoning_gym/{task}", split, size=size, seed=seed, **task_config)]
+    return [encode_sft_example(ex, tok, task) for ex in task_examples(task, task_config, split, size, seed, style)]
 
 
 def pad_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int):
@@ -240,14 +270,14 @@ def sft(model, data, pad_id: int, steps: int, seed: int, batch_size: int, lr: fl
 
 
 def measure_accuracy(model, tok, task: str, task_config: dict, n_prompts: int, n_samples: int, seed: int,
-                     max_new_tokens: int = 32, verbose: bool = True) -> float:
+                     max_new_tokens: int = 32, verbose: bool = True, style: str = "task") -> float:
     """Per-response accuracy of temperature-1.0 samples (no top-k / top-p) on validation-split prompts,
     scored by the repo's reward function (the one RL uses)."""
     import torch
-    from megatron_simko.data import load_prompts, render_prompt
+    from megatron_simko.data import render_prompt
     from megatron_simko.rewards import RewardScorer
 
-    examples = list(load_prompts(f"reasoning_gym/{task}", "validation", size=n_prompts, seed=seed, **task_config))
+    examples = task_examples(task, task_config, "validation", n_prompts, seed, style)
     prompts = [tok.encode(render_prompt(ex, tok)) for ex in examples]
     T = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)  # (P, T), left-padded
@@ -297,6 +327,7 @@ class TinyModelSpec:
 
     task: str = "chain_sum"
     task_config: Optional[dict] = None  # None: DEFAULT_TASK_CONFIGS[task] (or no options)
+    prompt_style: str = "task"  # "task" | "compact" (countdown): see restyle(); RL and evaluation must use the same
     seed: int = 0
     num_layers: int = MODEL_SHAPE["num_hidden_layers"]
     sft_steps: int = 800  # maximum; 0 = random model (no SFT, no accuracy check)
@@ -314,6 +345,8 @@ class TinyModelSpec:
         metric = self.stop_metric or ("expected" if self.task == "chain_sum" else "sampled")
         if metric not in STOP_METRICS:
             raise ValueError(f"stop_metric must be one of {STOP_METRICS}, got {metric!r}")
+        if self.prompt_style not in PROMPT_STYLES or (self.prompt_style == "compact" and self.task != "countdown"):
+            raise ValueError(f"prompt_style {self.prompt_style!r}: one of {PROMPT_STYLES}; compact is for countdown")
         if self.sft_steps < 0 or self.num_layers < 1:
             raise ValueError("sft_steps must be >= 0 and num_layers >= 1")
         return TinyModelSpec(**{**asdict(self), "task_config": task_config, "stop_metric": metric})
@@ -336,10 +369,11 @@ def make_tiny_model(out_dir: str, spec: TinyModelSpec, log: Callable[[str], None
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     try:
-        core = build_tokenizer(tmp_dir, task, cfg, spec.seed)
+        style = spec.prompt_style
+        core = build_tokenizer(tmp_dir, task, cfg, spec.seed, style)
         model = build_model(core, spec.seed, spec.num_layers)
         model.config.save_pretrained(tmp_dir)  # AutoTokenizer picks the tokenizer class from config.json
-        tok = check_tokenizer(tmp_dir, core, tokenizer_samples(task, cfg, spec.seed))
+        tok = check_tokenizer(tmp_dir, core, tokenizer_samples(task, cfg, spec.seed, style))
         n_params = sum(p.numel() for p in model.parameters())
         log(f"tokenizer: {tok.vocab_size} tokens; model: {n_params / 1e6:.2f} M parameters "
             f"({spec.num_layers} layers, hidden {MODEL_SHAPE['hidden_size']})")
@@ -348,25 +382,27 @@ def make_tiny_model(out_dir: str, spec: TinyModelSpec, log: Callable[[str], None
             log(f"SFT on reasoning_gym/{task} {json.dumps(cfg)}: up to {spec.sft_steps} steps × "
                 f"{spec.sft_batch_size}, stopping at {spec.stop_metric} accuracy {spec.target_accuracy}")
             # For tiny task spaces 1000 problems already cover every one (chain_sum as configured has 200).
-            data = sft_data(tok, task, cfg, max(1000, spec.sft_steps * spec.sft_batch_size // 4), spec.seed)
+            data = sft_data(tok, task, cfg, max(1000, spec.sft_steps * spec.sft_batch_size // 4), spec.seed,
+                            style=style)
             if spec.stop_metric == "expected":
-                val = sft_data(tok, task, cfg, 64, spec.seed + 1, split="validation")
+                val = sft_data(tok, task, cfg, 64, spec.seed + 1, split="validation", style=style)
                 check = lambda m: expected_accuracy(m, val, tok.pad_id)  # noqa: E731
             else:
                 check = lambda m: measure_accuracy(m, tok, task, cfg, 32, 4, spec.seed + 1,  # noqa: E731
-                                                   verbose=False)
+                                                   verbose=False, style=style)
             sft_info = sft(model, data, tok.pad_id, spec.sft_steps, spec.seed, spec.sft_batch_size, spec.sft_lr,
                            check=check, target=spec.target_accuracy, check_every=spec.check_every)
             sft_info["stop_metric"] = spec.stop_metric
             sft_info["train_problems"] = len(data)
             if spec.eval_prompts > 0:
                 t0 = time.perf_counter()
-                accuracy = measure_accuracy(model, tok, task, cfg, spec.eval_prompts, spec.eval_samples, spec.seed)
+                accuracy = measure_accuracy(model, tok, task, cfg, spec.eval_prompts, spec.eval_samples, spec.seed,
+                                            style=style)
                 log(f"accuracy at temperature 1.0: {accuracy:.3f} ({spec.eval_prompts} held-out prompts × "
                     f"{spec.eval_samples} samples, {time.perf_counter() - t0:.1f} s)")
         save(model, tok, tmp_dir)
         record = {
-            "task": task, "data_source": f"reasoning_gym/{task}", "reasoning_gym_config": cfg,
+            "task": task, "data_source": f"reasoning_gym/{task}", "reasoning_gym_config": cfg, "prompt_style": style,
             "seed": spec.seed, "sft": sft_info, "sft_steps": spec.sft_steps, "spec": asdict(spec),
             "eval": None if accuracy is None else {"accuracy": accuracy, "prompts": spec.eval_prompts,
                                                    "samples_per_prompt": spec.eval_samples, "temperature": 1.0,
