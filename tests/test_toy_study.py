@@ -34,12 +34,19 @@ def smoke(tmp_path_factory):
 def test_every_artifact_is_produced_and_well_formed(smoke):
     out, stdout = smoke
     runs = ["grpo-s1", "grpo-s2", "simko-s1"]
-    assert json.load(open(out / "model" / "tiny_model.json"))["task"] == "countdown"
+    assert json.load(open(out / "model" / "tiny_model.json"))["prompt_style"] == "compact"
     heldout = [json.loads(line) for line in open(out / "heldout.jsonl")]
     train = [json.loads(line) for line in open(out / "data" / "train.jsonl")]
     assert len(heldout) == 4 and len(train) == 64 and len(open(out / "data" / "validation.jsonl").readlines()) == 4
     assert all(r["data_source"] == "reasoning_gym/countdown" and r["prompt"].startswith("Make ") for r in heldout)
     assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    from megatron_simko.models.tiny import task_examples
+
+    made = json.load(open(out / "model" / "tiny_model.json"))
+    sft = task_examples("countdown", made["reasoning_gym_config"], "train", made["sft"]["train_problems"], made["seed"],
+                        made["prompt_style"])
+    assert made["sft"]["seen_problems"] and not {sft[i].prompt for i in made["sft"]["seen_problems"]} & {
+        r["prompt"] for r in heldout}  # nor any problem the SFT trained on
     for name in runs:
         run = out / "runs" / name
         assert (run / "hf_final" / "config.json").exists() and (run / "train.log").exists()

@@ -200,7 +200,8 @@ def check_resume(out_dir: str, p: Prepared, s: EvalSettings) -> dict:
     path = os.path.join(out_dir, "eval_config.json")
     mine = {"sampling": s.sampling_key(),
             "models": {m: {"path": os.path.abspath(d), "fingerprint": p.fingerprints[m]} for m, d in p.models.items()},
-            "benchmarks": {b: {"source": src, "num_problems": len(p.problems[b]),
+            "benchmarks": {b: {"source": src if src.startswith("reasoning_gym/") else os.path.abspath(src),
+                               "num_problems": len(p.problems[b]),
                                "first_problem": _digest(p.problems[b][0].prompt)} for b, src in p.benchmarks.items()}}
     if not os.path.exists(path):
         return mine

@@ -204,9 +204,10 @@ class Study:
         train = load_prompts(source, "train", size=t["train_size"], seed=t["train_seed"], **t["config"])
         val = load_prompts(source, "validation", size=t["validation_size"], seed=t["train_seed"], **t["config"])
         exclude = [train]
-        if made.get("sft"):
-            exclude.append(load_prompts(source, "train", size=made["sft"]["train_problems"], seed=made["seed"],
-                                        **t["config"]))
+        if made.get("sft"):  # the problems the SFT drew (all of its data if the folder does not say)
+            sft = load_prompts(source, "train", size=made["sft"]["train_problems"], seed=made["seed"], **t["config"])
+            seen = made["sft"].get("seen_problems")
+            exclude.append(sft if seen is None else [sft[i] for i in seen])
         exclude += [load_prompts(source, "validation", size=e["size"], seed=s, **t["config"])
                     for s in e.get("exclude_data_seeds", [])]
         held = heldout_prompts(t["name"], e["size"], e["data_seed"], exclude, **t["config"])

@@ -241,9 +241,10 @@ def sft(model, data, pad_id: int, steps: int, seed: int, batch_size: int, lr: fl
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    t0, c0, losses, est, step = time.perf_counter(), time.process_time(), [], None, 0
+    t0, c0, losses, est, step, seen = time.perf_counter(), time.process_time(), [], None, 0, set()
     while step < steps:
         idx = torch.randint(len(data), (batch_size,), generator=gen).tolist()
+        seen.update(idx)
         _, loss = response_logprobs(model, [data[i] for i in idx], pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,6 +267,7 @@ def sft(model, data, pad_id: int, steps: int, seed: int, batch_size: int, lr: fl
     model.eval()
     return {"steps_run": step, "max_steps": steps, "batch_size": batch_size, "lr": lr, "target": target,
             "stop_accuracy": est, "first_loss": losses[0], "final_loss": losses[-1],
+            "seen_problems": sorted(seen),  # indices into data: what the model was trained on
             "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
 
