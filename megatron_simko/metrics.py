@@ -58,7 +58,8 @@ class MetricsLogger:
         if hists:
             with open(self.hist_path, "a", encoding="utf-8") as f:
                 for k, values in hists.items():
-                    counts = torch.histc(values.clamp(*HIST_RANGE), bins=HIST_BINS, min=HIST_RANGE[0], max=HIST_RANGE[1])
+                    lo, hi = HIST_RANGE
+                    counts = torch.histc(values.clamp(lo, hi), bins=HIST_BINS, min=lo, max=hi)
                     f.write(json.dumps({"step": step, "name": k, "range": list(HIST_RANGE), "bins": HIST_BINS,
                                         "counts": [int(c) for c in counts.tolist()]}) + "\n")
         if self._tb is not None:

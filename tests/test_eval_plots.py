@@ -47,10 +47,12 @@ def test_bands_collapse_without_spread_and_cover_the_mean():
 def test_group_table_mean_and_std_over_seeds():
     counts = {"grpo-s1": {"h": [(4, 1), (4, 4)]}, "grpo-s2": {"h": [(4, 0), (4, 2)]}, "base": {"h": [(4, 2)] * 2}}
     rows = passk_rows(counts, [1, 4])
-    assert group_of("grpo-s2") == "grpo" and group_of("w_reinforce-seed3") == "w_reinforce" and group_of("base") == "base"
+    assert group_of("grpo-s2") == "grpo" and group_of("w_reinforce-seed3") == "w_reinforce"
+    assert group_of("base") == "base"
     table = {e["group"]: e for e in group_table(rows, "h", [1, 4])}
     p1 = [(0.25 + 1.0) / 2, (0.0 + 0.5) / 2]
-    assert table["grpo"]["seeds"] == 2 and table["grpo"][1] == pytest.approx((statistics.fmean(p1), statistics.stdev(p1)))
+    assert table["grpo"]["seeds"] == 2
+    assert table["grpo"][1] == pytest.approx((statistics.fmean(p1), statistics.stdev(p1)))
     assert table["base"][1] == pytest.approx((0.5, 0.0))
     text = format_group_table(list(table.values()), [1, 4])
     assert "| grpo | 2 | 0.438 ± 0.265 |" in text

@@ -91,7 +91,8 @@ def from_models(args) -> int:
     if not args.data:
         raise EvalError("--model needs at least one --data NAME=SOURCE")
     models, benchmarks = {}, {}
-    for spec, what, into in [(m, "--model", models) for m in args.model] + [(d, "--data", benchmarks) for d in args.data]:
+    named = [(m, "--model", models) for m in args.model] + [(d, "--data", benchmarks) for d in args.data]
+    for spec, what, into in named:
         name, value = parse_named(spec, what)
         if name in into:
             raise EvalError(f"{what}: the name {name!r} is given twice")

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from .passk import default_ks
 from .results import (PER_PROBLEM_FIELDS, PASSK_FIELDS, passk_rows, problem_counts, read_round, round_path,
@@ -282,7 +282,8 @@ def _draw(p: Prepared, s: EvalSettings, out_dir: str, todo: set, progress: bool,
                                             seed=s.seed, stop_token_ids=(p.eos_ids[m],))
                     k = s.round_size
                     results = engine.generate(p.prompt_ids[m, b], k, params, step=r)
-                    texts = [tok.decode(smp.token_ids, skip_special_tokens=True) for res in results for smp in res.samples]
+                    texts = [tok.decode(smp.token_ids, skip_special_tokens=True)
+                             for res in results for smp in res.samples]
                     rewards = scorer.score(texts, [p.problems[b][res.prompt_index] for res in results
                                                    for _ in res.samples])
                     rows, t = [], 0

@@ -105,7 +105,8 @@ def run_names(cfg: dict) -> list[tuple[str, str, int]]:
 def train_overrides(cfg: dict, mode: str, seed: int, out: str) -> list[str]:
     """Everything a run gets on top of train_config: shared overrides, the mode's own, seed, paths."""
     return [*cfg["train_overrides"], *cfg["modes"][mode].get("overrides", []), f"train.seed={seed}",
-            f"model.hf_dir={os.path.join(out, 'model')}", f"train.log_dir={os.path.join(out, 'runs', f'{mode}-s{seed}')}",
+            f"model.hf_dir={os.path.join(out, 'model')}",
+            f"train.log_dir={os.path.join(out, 'runs', f'{mode}-s{seed}')}",
             f"data.train={os.path.join(out, 'data', 'train.jsonl')}",
             f"data.validation={os.path.join(out, 'data', 'validation.jsonl')}"]
 
@@ -166,7 +167,8 @@ class Study:
         t = self.cfg["task"]
         m = {"threads": self.cfg["threads"], "task": t["name"], "task_config": t["config"],
              "prompt_style": t["prompt_style"], **self.cfg["model"]}
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out-dir", self.model_dir, "--force"]
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "make_tiny_model.py"), "--out-dir", self.model_dir,
+               "--force"]
         for key, value in m.items():
             cmd += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
         self.log("== model: making the warm-started tiny model")
@@ -199,7 +201,8 @@ class Study:
         if (made["task"], made["reasoning_gym_config"], made.get("prompt_style", "task")) != (
                 t["name"], t["config"], t["prompt_style"]):
             raise StudyError(f"{self.model_dir} was warm-started on {made['task']} {made['reasoning_gym_config']} "
-                             f"({made.get('prompt_style', 'task')} prompts), the study's task differs; delete the folder")
+                             f"({made.get('prompt_style', 'task')} prompts), the study's task differs; delete the "
+                             f"folder")
         source = f"reasoning_gym/{t['name']}"
         train = load_prompts(source, "train", size=t["train_size"], seed=t["train_seed"], **t["config"])
         val = load_prompts(source, "validation", size=t["validation_size"], seed=t["train_seed"], **t["config"])
@@ -229,7 +232,7 @@ class Study:
                 self.log(f"== train {name}: finished, kept")
                 continue
             overrides = train_overrides(self.cfg, mode, seed, self.out)
-            self._train_config(overrides[len(self.cfg["train_overrides"]):])  # a bad override fails here, not in torchrun
+            self._train_config(overrides[len(self.cfg["train_overrides"]):])  # a bad override fails here, not later
             todo.append((name, run_dir, overrides))
         running: dict = {}  # name -> (process, log path, start time)
         failed = None

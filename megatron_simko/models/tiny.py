@@ -88,7 +88,8 @@ def restyle(example, task: str, style: str):
         return example
     if style == "compact" and task == "countdown":
         meta = example.metadata["rg_entry"]["metadata"]
-        return dataclasses.replace(example, prompt=f"Make {meta['target']} from {', '.join(map(str, meta['numbers']))}.")
+        numbers = ", ".join(map(str, meta["numbers"]))
+        return dataclasses.replace(example, prompt=f"Make {meta['target']} from {numbers}.")
     raise ValueError(f"prompt style {style!r} is not defined for task {task!r} (styles: task; compact for countdown)")
 
 
@@ -163,7 +164,8 @@ def build_model(core, seed: int, num_layers: int = MODEL_SHAPE["num_hidden_layer
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=core.get_vocab_size(), **{**MODEL_SHAPE, "num_hidden_layers": num_layers}, hidden_act="silu", rms_norm_eps=1e-6,
+        vocab_size=core.get_vocab_size(), **{**MODEL_SHAPE, "num_hidden_layers": num_layers}, hidden_act="silu",
+        rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         use_sliding_window=False, attention_dropout=0.0, dtype="float32", architectures=["Qwen2ForCausalLM"],
         eos_token_id=core.token_to_id("<|im_end|>"), pad_token_id=core.token_to_id("<|endoftext|>"),
@@ -343,7 +345,7 @@ class TinyModelSpec:
     threads: int = 2
 
     def resolved(self) -> "TinyModelSpec":
-        task_config = dict(DEFAULT_TASK_CONFIGS.get(self.task, {})) if self.task_config is None else dict(self.task_config)
+        task_config = dict(DEFAULT_TASK_CONFIGS.get(self.task, {}) if self.task_config is None else self.task_config)
         metric = self.stop_metric or ("expected" if self.task == "chain_sum" else "sampled")
         if metric not in STOP_METRICS:
             raise ValueError(f"stop_metric must be one of {STOP_METRICS}, got {metric!r}")
