@@ -11,8 +11,9 @@ import torch
 from megatron_simko.eval.passk import bootstrap_replicates, pass_at_k, percentile_band
 from megatron_simko.eval.plots import main as plots_main
 from megatron_simko.eval.plots import make_figures, passk_bands
-from megatron_simko.eval.results import (AVERAGE, PASSK_FIELDS, PER_PROBLEM_FIELDS, format_group_table, group_of,
-                                         group_table, passk_rows, read_passk_csv, write_csv_atomic)
+from megatron_simko.eval.results import (AVERAGE, PASSK_FIELDS, PER_PROBLEM_FIELDS, format_group_table,
+                                         format_model_table, group_of, group_table, passk_rows, read_passk_csv,
+                                         write_csv_atomic)
 from megatron_simko.metrics import HIST_BINS, HIST_RANGE, MetricsLogger
 
 
@@ -56,6 +57,7 @@ def test_group_table_mean_and_std_over_seeds():
     assert table["base"][1] == pytest.approx((0.5, 0.0))
     text = format_group_table(list(table.values()), [1, 4])
     assert "| grpo | 2 | 0.438 ± 0.265 |" in text
+    assert "| grpo-s1 | 0.625 | 1.000 |" in format_model_table(rows, "h", [1, 4])
     avg = [r for r in rows if r["model"] == "base" and r["benchmark"] == AVERAGE and r["k"] == 4]
     assert avg[0]["pass_at_k"] == pytest.approx(1.0)
 

@@ -70,6 +70,7 @@ def test_every_artifact_is_produced_and_well_formed(smoke):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
     assert "| base | 1 |" in table and "| grpo | 2 |" in table and "| simko | 1 |" in table and "pass@8" in table
+    assert all(f"| {m} | " in table for m in ("grpo-s1", "grpo-s2", "simko-s1"))  # every seed listed too
     record = json.load(open(out / "study.json"))
     assert set(record["seconds"]) >= {"model", "data", "train", "eval", "report"} and record["earlier"] == []
     assert len([c for c in record["commands"] if "megatron_simko.train" in c]) == 3

@@ -179,6 +179,17 @@ def format_group_table(table: Sequence[Mapping[Any, Any]], ks: Sequence[int]) ->
     return "\n".join(lines)
 
 
+def format_model_table(rows: Sequence[Mapping[str, Any]], benchmark: str, ks: Sequence[int]) -> str:
+    """A markdown table: every model (every seed) on its own line, pass@k for the ks."""
+    values: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["benchmark"] == benchmark and r["k"] in ks:
+            values.setdefault(r["model"], {})[r["k"]] = r["pass_at_k"]
+    lines = ["| model | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines += [f"| {m} | " + " | ".join(f"{v[k]:.3f}" if k in v else "–" for k in ks) + " |" for m, v in values.items()]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------ per-problem results from a file
 def read_results_jsonl(path: str) -> list[tuple[int, int]]:
     """(n, c) per problem; a missing file, or a malformed line, raises ValueError naming file, row and field."""

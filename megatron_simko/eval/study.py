@@ -35,7 +35,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .results import format_group_table, group_table, read_passk_csv, write_json_atomic, write_text_atomic
+from .results import (format_group_table, format_model_table, group_table, read_passk_csv, write_json_atomic,
+                      write_text_atomic)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOP_KEYS = ("out_dir", "task", "model", "train_config", "train_overrides", "nproc", "threads", "parallel_runs",
@@ -289,7 +290,8 @@ class Study:
         ks = [k for k in self.cfg["eval"].get("table_ks", [1, 8, 64, 256]) if k <= self.cfg["eval"]["n"]]
         table = group_table(rows, "heldout", ks)
         text = (f"pass@k on {self.cfg['eval']['size']} held-out problems, n = {self.cfg['eval']['n']} samples each, "
-                f"mean ± std over seeds (sample std; 0 for one seed)\n\n{format_group_table(table, ks)}\n")
+                f"mean ± std over seeds (sample std; 0 for one seed)\n\n{format_group_table(table, ks)}\n\n"
+                f"Every model:\n\n{format_model_table(rows, 'heldout', ks)}\n")
         write_text_atomic(os.path.join(self.out, "table.md"), text)
         self.record["table"] = [{**{k: v for k, v in e.items() if not isinstance(k, int)},
                                  **{f"pass@{k}": e[k] for k in ks if k in e}} for e in table]
