@@ -102,8 +102,9 @@ def plot_passk(passk_csv: str, out_png: str, per_problem_csv: Optional[str] = No
     groups = _groups(dict.fromkeys(r["model"] for r in rows))
     per_problem = read_per_problem_csv(per_problem_csv) if per_problem_csv and os.path.exists(per_problem_csv) else {}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for gi, (group, models) in enumerate(groups.items()):
-        color = f"C{gi % 10}"
+    trained = [g for g in groups if g != "base"]  # the base model in black; modes keep their colors across figures
+    for group, models in groups.items():
+        color = "k" if group == "base" else f"C{trained.index(group) % 10}"
         ks = sorted({r["k"] for r in rows if r["model"] in models})
         bands = passk_bands(per_problem, models, benchmarks, ks) if per_problem else {}
         for ax, panel in zip(axes[0], panels):
