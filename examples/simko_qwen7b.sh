@@ -13,7 +13,8 @@
 # checkpoint (dist_checkpointing, any TP/PP) converts with
 #   python -m megatron_simko.export --checkpoint runs/simko_qwen7b/checkpoints --step 100 --hf-dir $HF_DIR --out-dir OUT
 # and pass@k evaluation samples it with vLLM:
-#   python tools/eval_passk.py --model runs/simko_qwen7b/hf_final --data data/math500.jsonl --n 256 --max-tokens 3072
+#   python tools/eval_passk.py --model base=$HF_DIR --model simko=runs/simko_qwen7b/hf_final \
+#       --data math500=data/math500.jsonl --protocol paper --n 256 --max-tokens 3072 --out-dir runs/passk_7b
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG="${CONFIG:-$ROOT/examples/configs/simko_qwen7b.yaml}"

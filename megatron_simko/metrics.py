@@ -1,6 +1,8 @@
 """Per-step metrics: a jsonl file (one JSON object per step), TensorBoard scalars and histograms, and a
 concise console line. Only the logging rank (global rank 0) writes; other ranks get a no-op logger.
 Also the token-level metrics of the trainer's statistics (:func:`token_metrics`) and device memory.
+Histograms also go to ``histograms.jsonl`` (one line per step and name: fixed bins ``HIST_BINS`` over
+``HIST_RANGE``, values clamped into it, so steps and runs compare bin by bin; the study's plots read it).
 """
 from __future__ import annotations
 
@@ -15,29 +17,35 @@ import torch
 
 from megatron_simko.parallel.devices import all_reduce
 
+HIST_RANGE = (0.0, 12.0)  # nats: entropy <= ln V < 12 for vocabularies up to 162k
+HIST_BINS = 240  # 0.05 nats per bin
+
 
 class MetricsLogger:
     def __init__(self, log_dir: str, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.log_dir = log_dir
         self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self.hist_path = os.path.join(log_dir, "histograms.jsonl")
         self._tb = None
         self._history: list[Dict[str, float]] = []
         if not enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
-        if os.path.exists(self.jsonl_path):
-            self._truncate_after(resume_step)  # a resumed run rewrites the steps after its checkpoint
+        for path in (self.jsonl_path, self.hist_path):
+            if os.path.exists(path):
+                self._truncate_after(path, resume_step)  # a resumed run rewrites the steps after its checkpoint
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"), purge_step=resume_step + 1)
 
-    def _truncate_after(self, step: int) -> None:
+    @staticmethod
+    def _truncate_after(path: str, step: int) -> None:
         """Keep the complete records of steps <= ``step`` (0: none — a fresh run starts a fresh file). A hard
         kill can cut the last line short: that partial record is dropped, with a warning; a malformed line
         anywhere else is not something a kill leaves, so it is an error naming the line."""
-        with open(self.jsonl_path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.readlines()
         kept = []
         for no, line in enumerate(lines, start=1):
@@ -47,15 +55,15 @@ class MetricsLogger:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 if no == len(lines) and not line.endswith("\n"):
-                    warnings.warn(f"{self.jsonl_path}: dropped a partial last line (a run killed while writing)")
+                    warnings.warn(f"{path}: dropped a partial last line (a run killed while writing)")
                     continue
-                raise ValueError(f"{self.jsonl_path}: line {no} is not valid JSON; fix or remove it, then resume")
+                raise ValueError(f"{path}: line {no} is not valid JSON; fix or remove it, then resume")
             if record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.jsonl_path + ".tmp"
+        tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        os.replace(tmp, path)
 
     def log(self, step: int, scalars: Mapping[str, float], histograms: Optional[Mapping[str, torch.Tensor]] = None):
         if not self.enabled:
@@ -65,13 +73,20 @@ class MetricsLogger:
         self._history.append(record)
         with open(self.jsonl_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+        hists = {k: v.detach().float().cpu() for k, v in (histograms or {}).items() if v.numel() > 0}
+        if hists:
+            with open(self.hist_path, "a", encoding="utf-8") as f:
+                for k, values in hists.items():
+                    lo, hi = HIST_RANGE
+                    counts = torch.histc(values.clamp(lo, hi), bins=HIST_BINS, min=lo, max=hi)
+                    f.write(json.dumps({"step": step, "name": k, "range": list(HIST_RANGE), "bins": HIST_BINS,
+                                        "counts": [int(c) for c in counts.tolist()]}) + "\n")
         if self._tb is not None:
             for k, v in scalars.items():
                 if v is not None and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), step)
-            for k, values in (histograms or {}).items():
-                if values.numel() > 0:
-                    self._tb.add_histogram(k, values.detach().float().cpu(), step)
+            for k, values in hists.items():
+                self._tb.add_histogram(k, values, step)
             self._tb.flush()
 
     def summary(self, keys=("reward/mean", "train/pass@1", "entropy/mean", "loss/clip_fraction")) -> str:

@@ -100,3 +100,31 @@ def test_load_prompts_dispatch(tmp_path):
     assert len(load_prompts(path, size=2)) == 2 and len(load_prompts([path, path])) == 6
     with pytest.raises(ValueError, match="only apply to reasoning_gym"):
         load_prompts(path, min_terms=2)
+
+
+def test_heldout_prompts_exclude_training_problems_and_survive_a_jsonl_round_trip(tmp_path):
+    """A small task space: validation and train splits overlap; held-out problems never do, and written to a
+    prompt file they still score with the task's own checker (the study evaluates them from heldout.jsonl)."""
+    from megatron_simko.data import load_prompts, write_prompt_jsonl
+    from megatron_simko.data.procedural import heldout_prompts
+    from megatron_simko.rewards.reasoning_gym_reward import reasoning_gym_reward
+
+    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # 200 distinct problems
+    train = load_prompts("reasoning_gym/chain_sum", "train", size=120, seed=0, **cfg)
+    plain_val = load_prompts("reasoning_gym/chain_sum", "validation", size=40, seed=5, **cfg)
+    trained = {ex.prompt for ex in train}
+    assert any(ex.prompt in trained for ex in plain_val)  # the overlap this guards against
+    held = heldout_prompts("chain_sum", 40, 5, [train], **cfg)
+    assert len(held) == 40 and len({ex.prompt for ex in held}) == 40
+    assert not any(ex.prompt in trained for ex in held)
+    assert [ex.prompt for ex in held if ex.prompt not in trained][:5] == \
+        [ex.prompt for ex in plain_val if ex.prompt not in trained][:5]  # split order, excluded ones skipped
+    write_prompt_jsonl(str(tmp_path / "h.jsonl"), held)
+    back = load_prompt_file(str(tmp_path / "h.jsonl"))
+    assert [ex.prompt for ex in back] == [ex.prompt for ex in held]
+    for ex, orig in zip(back[:5], held[:5]):
+        assert ex.data_source == "reasoning_gym/chain_sum"
+        assert reasoning_gym_reward(f"\\boxed{{{orig.answer}}}", ex) == 1.0
+        assert reasoning_gym_reward(f"\\boxed{{{int(orig.answer) + 1}}}", ex) == 0.0
+    with pytest.raises(ValueError, match="only .* held-out problems"):
+        heldout_prompts("chain_sum", 150, 5, [train], **cfg)

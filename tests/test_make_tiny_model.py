@@ -91,3 +91,33 @@ def test_short_sft_with_force_records_accuracy(model_dir, capsys):
     assert record["sft_steps"] == 6 and record["sft"]["final_loss"] < record["sft"]["first_loss"]
     assert 0.0 <= record["eval"]["accuracy"] <= 1.0 and record["eval"]["samples_per_prompt"] == 2
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["model"]
+
+
+def test_countdown_target_prompt_style_and_spec_defaults():
+    """The study's task: the SFT response is the numbers in the given order with the signs that reach the target,
+    which the task's own checker accepts; the compact prompt keeps the problem; countdown stops SFT on sampled
+    accuracy (many valid answers)."""
+    from megatron_simko.models.tiny import TinyModelSpec, response_text, signed_sum, task_examples
+    from megatron_simko.rewards.reasoning_gym_reward import reasoning_gym_reward
+
+    cfg = make_tiny_model.DEFAULT_TASK_CONFIGS["countdown"]
+    plain = task_examples("countdown", cfg, "train", 20, 0)
+    compact = task_examples("countdown", cfg, "train", 20, 0, style="compact")
+    for ex, short in zip(plain, compact):
+        meta = ex.metadata["rg_entry"]["metadata"]
+        nums = ", ".join(map(str, meta["numbers"]))
+        assert nums in ex.prompt and str(meta['target']) in ex.prompt  # phrasing varies
+        assert short.prompt == f"Make {meta['target']} from {nums}." and short.metadata == ex.metadata
+        text = response_text(short, "countdown")
+        expr = text[len("\\boxed{"):-len("}.")]
+        assert [int(t) for t in expr.replace("-", " ").replace("+", " ").split()] == meta["numbers"]  # in order
+        assert eval(expr) == meta["target"]
+        assert reasoning_gym_reward(text, short) == 1.0 == reasoning_gym_reward(f"\\boxed{{{ex.answer}}}", short)
+    assert signed_sum([7, 5, 1], 1) == "7 - 5 - 1" and signed_sum([4, 7, 8], 11) == "-4 + 7 + 8"
+    assert signed_sum([1, 1], 5) is None
+    spec = TinyModelSpec(task="countdown", prompt_style="compact").resolved()
+    assert spec.stop_metric == "sampled" and spec.task_config == cfg
+    assert TinyModelSpec().resolved().stop_metric == "expected"
+    for bad in (dict(stop_metric="nope"), dict(prompt_style="compact"), dict(task="countdown", prompt_style="x")):
+        with pytest.raises(ValueError):
+            TinyModelSpec(**bad).resolved()

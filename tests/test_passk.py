@@ -1,4 +1,5 @@
-"""pass@k: the product-form estimator against exact combinatorics, the jsonl and model paths of the CLI."""
+"""pass@k: the product-form estimator against exact combinatorics, and the CLI from a results file (sampling
+models: tests/test_eval_passk.py)."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from math import comb
 import pytest
 
 from megatron_simko.eval import default_ks, pass_at_k, pass_at_k_curve, pass_at_k_table
-from megatron_simko.eval.evaluate import read_results_jsonl
+from megatron_simko.eval.results import read_results_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(ROOT, "tools", "eval_passk.py")
@@ -74,35 +75,3 @@ def test_cli_from_results(tmp_path):
     assert report["pass_at_k"]["1"] == pytest.approx((0 + 1 / 8 + 3 / 8 + 1) / 4)
     assert "pass@k over 4 problems" in proc.stdout
     assert os.listdir(out.parent) == ["passk.json"]  # no temporary file left behind
-
-
-@pytest.mark.slow
-def test_cli_samples_a_tiny_model_with_vllm(tmp_path):
-    """Real vLLM (CPU) on a random tiny Qwen2 with a locally trained tokenizer: the pipeline runs end to end."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from megatron_simko.data.tokenizer import HFTokenizer, export_hf_tokenizer, rg_corpus, train_sentencepiece
-
-    model_dir = str(tmp_path / "model")
-    sp_file = train_sentencepiece(rg_corpus(["chain_sum"], per_task=100), str(tmp_path / "sp"), vocab_size=512)
-    tok = HFTokenizer(export_hf_tokenizer(sp_file, model_dir))
-    torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
-                         num_hidden_layers=2, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
-                         pad_token_id=tok.pad_id, max_position_embeddings=1024)
-    Qwen2ForCausalLM(config).save_pretrained(model_dir)
-    out, per = tmp_path / "passk.json", tmp_path / "per.jsonl"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, CLI, "--model", model_dir, "--data", "reasoning_gym/chain_sum",
-                           "--size", "4", "--n", "4", "--max-tokens", "16", "--dtype", "float32",
-                           "--out", str(out), "--per-problem", str(per)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["ks"] == [1, 2, 4] and report["num_problems"] == 4 and report["samples_per_problem"] == 4
-    values = [report["pass_at_k"][str(k)] for k in report["ks"]]
-    assert all(0.0 <= a <= b <= 1.0 for a, b in zip(values, values[1:]))
-    results = [json.loads(line) for line in per.read_text().splitlines()]
-    assert len(results) == 4 and all(len(r["responses"]) == 4 and len(r["rewards"]) == 4 for r in results)
-    assert all(r["data_source"] == "reasoning_gym/chain_sum" for r in results)

@@ -99,6 +99,25 @@ def test_seeding_is_independent_of_batching(engine):
     assert [[s.token_ids for s in r.samples] for r in other_step] != [[s.token_ids for s in r.samples] for r in full]
 
 
+
+def test_batch_larger_than_one_step_budget_keeps_per_request_seeds(engine):
+    """More prompt tokens than one engine step takes (21 × 200 > vLLM-CPU's 4096): with chunked prefill, the
+    21st prompt's prefill was split and the engine died rewinding its seeded generator ("CPU Generator does
+    not use offset"). Now prompts are admitted whole, and each sample is still the one its seed gives alone."""
+    if not engine.on_cpu:
+        pytest.skip("the CPU engine's scheduling")
+    args = engine.engine_args()
+    assert args["enable_chunked_prefill"] is False and args["max_num_batched_tokens"] >= 256
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 500, (24, 200), generator=gen).tolist()
+    params = SamplingConfig(temperature=1.0, max_tokens=4, seed=1)
+    full = engine.generate(prompts, 2, params)
+    assert [len(r.samples) for r in full] == [2] * 24 and all(s.length == 4 for r in full for s in r.samples)
+    for i in (0, 20, 23):  # 20: the prompt whose prefill used to be split
+        alone = engine.generate(prompts[i:i + 1], 2, params, prompt_offset=i)
+        assert [s.token_ids for s in alone[0].samples] == [s.token_ids for s in full[i].samples]
+        assert [s.logprobs for s in alone[0].samples] == [s.logprobs for s in full[i].samples]
+
 def test_stop_token_ends_the_response_and_is_kept(engine):
     params = SamplingConfig(temperature=1.0, max_tokens=12, seed=5)
     first = engine.generate(PROMPTS[:1], 1, params)[0].samples[0]

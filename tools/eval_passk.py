@@ -1,14 +1,18 @@
-"""pass@k table from per-problem results, or from sampling a model with vLLM.
+"""pass@k of models on benchmarks, sampled with vLLM (megatron_simko/eval/evaluate.py), or from a results file.
 
-    # from results (one problem per line: {"n": 8, "c": 3} or {"rewards": [...]} or {"correct": [...]})
-    python tools/eval_passk.py --results per_problem.jsonl --out passk.json
+    # several models × several benchmarks, the paper's sampling (temperature 0.6, top-p 0.95), n = 256 per problem
+    python tools/eval_passk.py --model base=runs/base --model simko=runs/simko/hf_final \\
+        --data countdown=reasoning_gym/countdown --task-config '{"min_numbers": 3, "max_numbers": 3}' \\
+        --data mine=problems.jsonl --size 128 --n 256 --protocol paper --max-tokens 64 --out-dir runs/passk
 
-    # sample a Hugging Face model folder: n responses per problem, scored by the reward registry
-    python tools/eval_passk.py --model runs/hf_model --data reasoning_gym/chain_sum --size 64 --n 8 \
-        --max-tokens 256 --out passk.json [--per-problem per_problem.jsonl]
+    # pass@k from per-problem results (one problem per line: {"n": 8, "c": 3}, {"rewards": [...]}, {"correct": [...]})
+    python tools/eval_passk.py --results per_problem.jsonl [--out passk.json]
 
---data is a .jsonl / .parquet prompt file or reasoning_gym/<task> (validation split of --seed).
-Prints the table (k = 1, 2, 4, ..., n) and writes the json atomically.
+Samples are drawn in rounds of --samples-per-round per problem, each round with its own seeds; a re-run with
+the same --out-dir skips every (model, benchmark, round) already on disk (n may grow, models may be added).
+Writes <out-dir>/samples/<model>/<benchmark>/round_*.jsonl, per_problem.csv, passk.csv (model × benchmark × k,
+plus the per-model "average" over benchmarks) and passk.json, each atomically. Bad input is a one-line error,
+exit status 2, with nothing written.
 """
 from __future__ import annotations
 
@@ -20,66 +24,48 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_simko.eval.evaluate import read_results_jsonl, summarize, write_json_atomic  # noqa: E402
 from megatron_simko.eval.passk import format_table  # noqa: E402
 
 
-def load_examples(spec: str, size: int | None, seed: int):
-    """A prompt file, or the validation split of reasoning_gym/<task> (64 problems unless --size)."""
-    from megatron_simko.data.datasets import load_prompts
-
-    if spec.startswith("reasoning_gym/"):
-        return list(load_prompts(spec, split="validation", size=size or 64, seed=seed))
-    return list(load_prompts(spec, size=size))
-
-
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--results", help="jsonl of per-problem results")
-    src.add_argument("--model", help="Hugging Face model folder to sample from (vLLM)")
-    ap.add_argument("--data", help="prompt file or reasoning_gym/<task> (with --model)")
-    ap.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    ap.add_argument("--size", type=int, help="number of problems (default: all; 64 for reasoning_gym)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n", type=int, default=8, help="samples per problem")
+    src.add_argument("--model", action="append", metavar="NAME=DIR",
+                     help="a Hugging Face model folder to sample (repeatable; NAME defaults to the folder name)")
+    ap.add_argument("--data", action="append", metavar="NAME=SOURCE",
+                    help="a benchmark: reasoning_gym/<task> or a .jsonl / .parquet prompt file (repeatable)")
+    ap.add_argument("--task-config", default="{}", help="JSON options for the reasoning_gym tasks, e.g. "
+                                                       '\'{"min_numbers": 3}\'')
+    ap.add_argument("--size", type=int, help="problems per benchmark (default: all rows; 64 for reasoning_gym)")
+    ap.add_argument("--split", default="validation", choices=("train", "validation"), help="reasoning_gym split")
+    ap.add_argument("--data-seed", type=int, default=0, help="reasoning_gym problem seed (the split's seed base)")
+    ap.add_argument("--n", type=int, default=64, help="samples per problem (up to 1024 and beyond)")
+    ap.add_argument("--samples-per-round", type=int, default=64, help="samples per problem per round (seeded apart)")
     ap.add_argument("--ks", help="comma-separated k values (default 1,2,4,...,n)")
-    ap.add_argument("--max-tokens", type=int, default=512)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--dtype", default="auto", help="vLLM dtype (float32 on CPU tests)")
-    ap.add_argument("--out", help="json report path (written atomically)")
-    ap.add_argument("--per-problem", help="also write per-problem results (with responses) as jsonl")
-    args = ap.parse_args(argv)
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    ap.add_argument("--protocol", choices=("paper", "train"),
+                    help="sampling preset: paper = temperature 0.6, top-p 0.95; train = 1.0, 1.0 (flags override)")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--max-tokens", type=int, default=512, help="response length limit")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--dtype", default="auto", help="vLLM dtype (float32 for CPU fp32 checks)")
+    ap.add_argument("--out-dir", default="runs/passk", help="output folder (resumable)")
+    ap.add_argument("--out", help="--results: json report path (written atomically)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
 
-    t0 = time.time()
-    extra = {}
-    if args.results:
+
+def from_results(args) -> int:
+    from megatron_simko.eval.evaluate import EvalError
+    from megatron_simko.eval.results import read_results_jsonl, summarize, write_json_atomic
+
+    ks = parse_ks(args.ks)
+    try:
         counts = read_results_jsonl(args.results)
-        extra["source"] = {"results": os.path.abspath(args.results)}
-    else:
-        if not args.data:
-            ap.error("--model needs --data")
-        from megatron_simko.eval.evaluate import generate_and_score
-
-        examples = load_examples(args.data, args.size, args.seed)
-        results = generate_and_score(args.model, examples, n=args.n, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                     tokenizer_dir=args.tokenizer, dtype=args.dtype)
-        counts = [(r["n"], r["c"]) for r in results]
-        extra["source"] = {"model": os.path.abspath(args.model), "data": args.data, "n": args.n,
-                           "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                           "seed": args.seed}
-        extra["mean_reward"] = sum(c for _, c in counts) / sum(n for n, _ in counts)
-        if args.per_problem:
-            tmp = args.per_problem + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in results:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, args.per_problem)
-    report = summarize(counts, ks, extra)
-    report["seconds"] = round(time.time() - t0, 3)
+        report = summarize(counts, ks, {"source": {"results": os.path.abspath(args.results)}})
+    except ValueError as e:  # a bad results file, or k > n
+        raise EvalError(str(e)) from None
     print(format_table({int(k): v for k, v in report["pass_at_k"].items()},
                        f"pass@k over {report['num_problems']} problems, {report['samples_per_problem']} samples each"))
     if args.out:
@@ -88,5 +74,64 @@ def main(argv=None) -> int:
     return 0
 
 
+def parse_ks(text):
+    if not text:
+        return None
+    from megatron_simko.eval.evaluate import EvalError
+
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise EvalError(f"--ks {text!r}: expected comma-separated integers") from None
+
+
+def from_models(args) -> int:
+    from megatron_simko.eval.evaluate import PROTOCOLS, EvalError, EvalSettings, evaluate, parse_named
+
+    if not args.data:
+        raise EvalError("--model needs at least one --data NAME=SOURCE")
+    models, benchmarks = {}, {}
+    named = [(m, "--model", models) for m in args.model] + [(d, "--data", benchmarks) for d in args.data]
+    for spec, what, into in named:
+        name, value = parse_named(spec, what)
+        if name in into:
+            raise EvalError(f"{what}: the name {name!r} is given twice")
+        into[name] = value
+    try:
+        task_config = json.loads(args.task_config)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"--task-config is not valid JSON ({e.msg})") from None
+    if not isinstance(task_config, dict):
+        raise EvalError("--task-config must be a JSON object")
+    sampling = dict(PROTOCOLS[args.protocol or "train"])
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    if args.top_p is not None:
+        sampling["top_p"] = args.top_p
+    settings = EvalSettings(n=args.n, samples_per_round=args.samples_per_round, ks=parse_ks(args.ks),
+                            max_tokens=args.max_tokens, seed=args.seed, size=args.size, split=args.split,
+                            data_seed=args.data_seed, task_config=task_config, dtype=args.dtype, **sampling)
+    t0 = time.time()
+    report = evaluate(models, benchmarks, settings, args.out_dir, progress=not args.no_progress)
+    for m, per_bench in report["pass_at_k"].items():
+        for b, table in per_bench.items():
+            print(format_table({int(k): v for k, v in table.items()}, f"{m} / {b}"))
+    print(f"wrote {os.path.join(args.out_dir, 'passk.csv')} and passk.json ({time.time() - t0:.0f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_simko.eval.evaluate import EvalError
+    from megatron_simko.rollout.vllm_engine import EngineBuildError
+
+    try:
+        return from_results(args) if args.results else from_models(args)
+    except (EvalError, EngineBuildError) as e:  # bad input: one line, exit 2, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     sys.exit(main())

@@ -92,7 +92,7 @@ def build_model(model_dir: str, mode: str, core, device: str, seed: int) -> dict
     import torch
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    import make_tiny_model as tiny
+    from megatron_simko.models import tiny
     from megatron_simko.data import PromptExample, render_prompt
     from megatron_simko.data.tokenizer import load_tokenizer
 
@@ -114,8 +114,9 @@ def build_model(model_dir: str, mode: str, core, device: str, seed: int) -> dict
     sft_cfg = spec["sft"]
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    val = encoded(sum_examples(64, seed + 1))
     info = tiny.sft(model, encoded(sum_examples(2000, seed)), tok.pad_id, sft_cfg["steps"], seed,
-                    sft_cfg["batch_size"], sft_cfg["lr"], val=encoded(sum_examples(64, seed + 1)),
+                    sft_cfg["batch_size"], sft_cfg["lr"], check=lambda m: tiny.expected_accuracy(m, val, tok.pad_id),
                     target=sft_cfg["target"], log_every=100)
     model.to(getattr(torch, spec["save_dtype"])).save_pretrained(model_dir, safe_serialization=True)
     GenerationConfig(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(model_dir)

@@ -11,7 +11,7 @@ produce the same question in both splits; pass `dedup_val=True` to drop validati
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .prompts import PromptExample
 
@@ -70,6 +70,25 @@ def rg_splits(name: str, train_size: int, val_size: int, seed: int = 0, dedup_va
         val = [ex for ex in val if ex.prompt not in seen]
     return train, val
 
+
+
+def heldout_prompts(name: str, size: int, seed: int, exclude: Iterable[Sequence[PromptExample]] = (),
+                    **config: Any) -> list[PromptExample]:
+    """`size` problems of the task's validation split (seed `seed + VAL_SEED_OFFSET`, as `rg_splits`) whose
+    question text appears in none of `exclude` (e.g. the RL training prompts and the SFT data): problems no
+    model was trained on, even where the task space is small enough for the splits to overlap. Problems are
+    taken in split order, skipping excluded ones; ValueError if 50 × size candidates do not yield enough."""
+    seen = {ex.prompt for dataset in exclude for ex in dataset}
+    candidates = ReasoningGymPrompts(name, 50 * size, seed + VAL_SEED_OFFSET, **config)
+    out = []
+    for ex in candidates:
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)  # no duplicates within the held-out set either
+            out.append(ex)
+            if len(out) == size:
+                return out
+    raise ValueError(f"reasoning_gym/{name}: only {len(out)} held-out problems among {len(candidates)} candidates "
+                     f"(the task space is too small for {size}); lower the size or widen the task config")
 
 @lru_cache(maxsize=None)
 def _scorer(name: str, config_items: tuple) -> Any:

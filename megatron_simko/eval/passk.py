@@ -51,3 +51,22 @@ def format_table(table: dict[int, float], title: str = "") -> str:
 def pass_at_k_curve(n: int, c: int) -> np.ndarray:
     """[pass@1, ..., pass@n] of one problem."""
     return np.array([pass_at_k(n, c, k) for k in range(1, n + 1)])
+
+
+def bootstrap_replicates(pk: np.ndarray, seed_idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap replicates of the mean pass@k curve over seeds and problems.
+
+    pk: [S, P, K] pass@k of seed s (e.g. one trained model per seed) on problem p at the k-th k;
+    seed_idx: [B, S] seeds drawn with replacement per replicate (zeros when S = 1: then only problems vary).
+    Each replicate also draws P problems with replacement; returns [B, K], replicate b's mean over its draws.
+    Sharing seed_idx across benchmarks lets a caller average replicates into the cross-benchmark mean.
+    """
+    B, P = seed_idx.shape[0], pk.shape[1]
+    prob_idx = rng.integers(0, P, size=(B, P))
+    return np.stack([pk[seed_idx[b]][:, prob_idx[b]].mean(axis=(0, 1)) for b in range(B)])
+
+
+def percentile_band(replicates: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) percentile interval of [B, K] bootstrap replicates, per k."""
+    tail = 50.0 * (1.0 - level)
+    return np.percentile(replicates, tail, axis=0), np.percentile(replicates, 100.0 - tail, axis=0)

