@@ -106,3 +106,20 @@ def test_same_seed_and_config_give_the_same_metrics(smoke, tmp_path):
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert metrics(tmp_path / "again") == metrics(out / "runs" / "grpo-s1")
+
+
+def test_ablation_modes_are_reported_in_their_own_table():
+    from megatron_simko.eval.results import group_table
+    from megatron_simko.eval.study import load_study_config, study_table
+
+    cfg = load_study_config(os.path.join(ROOT, "examples", "configs", "toy_study.yaml"), "ablation")
+    ablations = {m for m, spec in cfg["modes"].items() if spec.get("ablation")}
+    assert ablations == {"simko_a03"} and {"grpo", "simko"} <= set(cfg["modes"])
+    rows = [{"model": m, "benchmark": "heldout", "k": k, "pass_at_k": p}
+            for m, p in (("base", 0.3), ("grpo-s1", 0.5), ("grpo-s2", 0.7), ("simko_a03-s1", 0.9)) for k in (1, 8)]
+    text = study_table(rows, group_table(rows, "heldout", [1, 8]), [1, 8], ablations, size=4, n=8)
+    main, rest = text.split("Ablation (labelled; not part of the main comparison):")
+    assert "| grpo | 2 | 0.600 ± 0.141 |" in main and "simko_a03" not in main
+    ablation, every = rest.split("Every model:")
+    assert "| simko_a03 | 1 | 0.900 ± 0.000 |" in ablation and "grpo" not in ablation
+    assert "| simko_a03-s1 | 0.900 |" in every and "| grpo-s2 | 0.700 |" in every

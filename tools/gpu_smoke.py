@@ -10,7 +10,7 @@
    template's <|im_end|> (rollout/stop_tokens.py);
 3. model: Qwen2 architecture built from a config — gpu: the real Qwen2.5 vocabulary size (151,936 rows), hidden
    896, 8 layers, tied embeddings (≈ 255 M parameters), saved in bf16; cpu: a tiny one in fp32 — then a short SFT
-   warm start (tools/make_tiny_model.sft) so that sampled answers are sometimes right (mixed rewards);
+   warm start (megatron_simko.models.tiny.sft) so that sampled answers are sometimes right (mixed rewards);
 4. RL: ``torchrun -m megatron_simko.train`` at TP=1 with ``rollout.backend=transformers`` (gpu: bf16): 2 steps
    with a checkpoint each, then a second launch that resumes from step 2 and runs step 3 (validation, HF export);
 5. export: the step-3 checkpoint converted offline (``python -m megatron_simko.export``) must equal the live
@@ -67,7 +67,7 @@ def sum_examples(n: int, seed: int) -> list[dict]:
 
 
 def response_text(row: dict) -> str:
-    """The SFT target: restate the expression, then the boxed answer (see make_tiny_model.response_text)."""
+    """The SFT target: restate the expression, then the boxed answer (see megatron_simko.models.tiny.response_text)."""
     return f"{row['prompt'].split(':', 1)[1].strip()} \\boxed{{{row['answer']}}}."
 
 

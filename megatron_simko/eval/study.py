@@ -46,6 +46,18 @@ EVAL_KEYS = ("size", "data_seed", "exclude_data_seeds", "n", "samples_per_round"
              "max_tokens", "seed", "table_ks")
 
 
+def study_table(rows, table, ks, ablations, size: int, n: int) -> str:
+    """table.md: the main comparison (mean ± std over seeds per mode), the modes flagged ``ablation: true`` in a
+    table of their own, then every model (every seed) on its own line."""
+    main = [e for e in table if e["group"] not in ablations]
+    extra = [e for e in table if e["group"] in ablations]
+    text = (f"pass@k on {size} held-out problems, n = {n} samples each, mean ± std over seeds (sample std; 0 for "
+            f"one seed)\n\n{format_group_table(main, ks)}\n\n")
+    if extra:
+        text += f"Ablation (labelled; not part of the main comparison):\n\n{format_group_table(extra, ks)}\n\n"
+    return text + f"Every model:\n\n{format_model_table(rows, 'heldout', ks)}\n"
+
+
 class StudyError(ValueError):
     """A bad study configuration or a failed step; the message is one line."""
 
@@ -86,8 +98,9 @@ def load_study_config(path: str, variant: Optional[str] = None, out_dir: Optiona
     if not isinstance(cfg["modes"], dict) or not cfg["modes"]:
         raise StudyError(f"{path}: modes must map a mode name to {{seeds: [...], overrides: [...]}}")
     for mode, spec in cfg["modes"].items():
-        if not isinstance(spec, dict) or not spec.get("seeds") or set(spec) - {"seeds", "overrides"}:
-            raise StudyError(f"{path}: modes.{mode} must be {{seeds: [..], overrides: [..]}}")
+        if not isinstance(spec, dict) or not spec.get("seeds") or set(spec) - {"seeds", "overrides", "ablation"}:
+            raise StudyError(f"{path}: modes.{mode} must be {{seeds: [..], overrides: [..]}} (optionally "
+                             f"ablation: true, reported in its own table)")
         if not str(mode).replace("_", "").isalnum():
             raise StudyError(f"{path}: mode name {mode!r}: letters, digits and '_' only")
     cfg.setdefault("train_overrides", [])
@@ -289,9 +302,8 @@ class Study:
         rows = read_passk_csv(os.path.join(self.passk_dir, "passk.csv"))
         ks = [k for k in self.cfg["eval"].get("table_ks", [1, 8, 64, 256]) if k <= self.cfg["eval"]["n"]]
         table = group_table(rows, "heldout", ks)
-        text = (f"pass@k on {self.cfg['eval']['size']} held-out problems, n = {self.cfg['eval']['n']} samples each, "
-                f"mean ± std over seeds (sample std; 0 for one seed)\n\n{format_group_table(table, ks)}\n\n"
-                f"Every model:\n\n{format_model_table(rows, 'heldout', ks)}\n")
+        ablations = {mode for mode, spec in self.cfg["modes"].items() if spec.get("ablation")}
+        text = study_table(rows, table, ks, ablations, self.cfg["eval"]["size"], self.cfg["eval"]["n"])
         write_text_atomic(os.path.join(self.out, "table.md"), text)
         self.record["table"] = [{**{k: v for k, v in e.items() if not isinstance(k, int)},
                                  **{f"pass@{k}": e[k] for k in ks if k in e}} for e in table]
