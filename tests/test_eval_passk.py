@@ -58,6 +58,7 @@ def assert_one_line_error(rc, err, needle):
     ("bad_name", "expected NAME=VALUE"),
     ("bad_task_config", "--task-config is not valid JSON"),
     ("n_not_multiple", "must be a multiple of --samples-per-round"),
+    ("task_config_no_task", "--task-config applies to reasoning_gym/<task> benchmarks and none is given"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, needle, untrained, tmp_path, capsys):
     model, data = untrained, "cs=reasoning_gym/chain_sum"
@@ -85,6 +86,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, needle, untrained
         extra = ["--task-config", "{nope"]
     elif case == "n_not_multiple":
         extra = ["--n", "12", "--samples-per-round", "8"]
+    elif case == "task_config_no_task":
+        data = f"x={tmp_path / 'bench.jsonl'}"
+        from megatron_simko.data import load_prompts, write_prompt_jsonl
+
+        write_prompt_jsonl(data[2:], list(load_prompts("reasoning_gym/chain_sum", size=2, seed=1, **CHAIN_SUM)))
     out_dir = tmp_path / "out"
     argv = ["--model", model if case == "bad_name" else f"m={model}", "--data", data, "--n", "8", "--size", "4",
             "--max-tokens", "16", "--out-dir", str(out_dir), "--no-progress", *extra]

@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     sft = build_model(os.path.join(out, "model"), mode, core, "cuda" if mode == "gpu" else "cpu", args.seed)
     build_s = time.perf_counter() - t0
     print(f"== model: {sft['parameters'] / 1e6:.1f} M parameters, vocab {MODES[mode]['model']['vocab_size']}; "
-          f"SFT {sft['steps_run']} steps, expected accuracy {sft['expected_accuracy']:.3f}; {build_s:.1f} s", flush=True)
+          f"SFT {sft['steps_run']} steps, expected accuracy {sft['stop_accuracy']:.3f}; {build_s:.1f} s", flush=True)
     if mode == "gpu":
         torch.cuda.empty_cache()
 

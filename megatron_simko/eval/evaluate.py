@@ -121,8 +121,6 @@ def load_benchmark(name: str, source: str, s: EvalSettings) -> list:
     if not os.path.isfile(source):
         raise EvalError(f"--data {name}={source}: neither reasoning_gym/<task> nor an existing .jsonl / .parquet "
                         f"file")
-    if s.task_config:
-        raise EvalError(f"--task-config applies to reasoning_gym/<task> benchmarks, not the file {source}")
     try:
         return list(load_prompts(source, size=s.size))
     except ValueError as e:
@@ -157,6 +155,7 @@ class Prepared:
 def prepare(models: Mapping[str, str], benchmarks: Mapping[str, str], s: EvalSettings) -> Prepared:
     """Loads and checks every input; raises EvalError (one line) on the first problem, before any sampling."""
     from ..data import render_prompt
+    from ..data.procedural import SOURCE_PREFIX
     from ..data.prompts import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM
     from ..data.tokenizer import load_tokenizer
     from ..rollout.vllm_engine import EngineBuildError, check_weights_present, read_model_config
@@ -165,6 +164,9 @@ def prepare(models: Mapping[str, str], benchmarks: Mapping[str, str], s: EvalSet
     if not models or not benchmarks:
         raise EvalError("give at least one --model NAME=DIR and one --data NAME=SOURCE")
     problems = {b: load_benchmark(b, src, s) for b, src in benchmarks.items()}
+    if s.task_config and not any(src.startswith(SOURCE_PREFIX) for src in benchmarks.values()):
+        raise EvalError("--task-config applies to reasoning_gym/<task> benchmarks and none is given; drop it "
+                        "(prompt files carry their problems)")
     system = DEFAULT_SYSTEM if s.system_prompt is None else s.system_prompt
     instruction = DEFAULT_INSTRUCTION if s.instruction is None else s.instruction
     prompt_ids, eos_ids, max_len, prints = {}, {}, {}, {}
