@@ -65,10 +65,16 @@ def test_every_artifact_is_produced_and_well_formed(smoke):
     assert all(0.0 <= float(r["pass_at_k"]) <= 1.0 and r["n"] == "8" and r["num_problems"] == "4" for r in rows)
     for m in models:
         assert len(os.listdir(out / "passk" / "samples" / m / "heldout")) == 2  # n = 8 in rounds of 4
-    for fig in ("passk.png", "lambda.png", "entropy.png", "training.png"):
-        with open(out / "figures" / fig, "rb") as f:
+    for fig in ("figures/passk.png", "figures/lambda.png", "figures/entropy.png", "figures/training.png",
+                "figures_t1/passk.png"):
+        with open(out / fig, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out / "passk_t1" / "passk.csv") as f:  # the secondary evaluation: same models, temperature 1
+        assert {(r["model"], r["k"]) for r in csv.DictReader(f) if r["benchmark"] == "heldout"} == {
+            (m, str(k)) for m in models for k in (1, 2, 4, 8)}
+    assert json.load(open(out / "passk_t1" / "eval_config.json"))["sampling"]["temperature"] == 1.0
     table = (out / "table.md").read_text()
+    assert table.index("## Primary evaluation") < table.index("## Secondary (t1) evaluation")
     assert "| base | 1 |" in table and "| grpo | 2 |" in table and "| simko | 1 |" in table and "pass@8" in table
     assert all(f"| {m} | " in table for m in ("grpo-s1", "grpo-s2", "simko-s1"))  # every seed listed too
     record = json.load(open(out / "study.json"))
@@ -82,11 +88,12 @@ def test_rerun_resumes_without_redoing_anything(smoke):
     out, _ = smoke
     stamp = {p: os.stat(p).st_mtime_ns for p in [out / "model" / "model.safetensors", out / "heldout.jsonl",
                                                   *(out / "runs").glob("*/hf_final/model.safetensors"),
-                                                  *(out / "passk" / "samples").glob("*/*/*.jsonl")]}
+                                                  *(out / "passk" / "samples").glob("*/*/*.jsonl"),
+                                                  *(out / "passk_t1" / "samples").glob("*/*/*.jsonl")]}
     proc = study(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("finished, kept") == 3 and "exists, kept" in proc.stdout and "0 to draw" in \
-        (out / "logs" / "eval.log").read_text()
+    assert proc.stdout.count("finished, kept") == 3 and "exists, kept" in proc.stdout
+    assert all("0 to draw" in (out / "logs" / log).read_text() for log in ("eval.log", "eval_t1.log"))
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
     record = json.load(open(out / "study.json"))
     assert len(record["earlier"]) == 1 and "train" in record["earlier"][0]["seconds"]  # both invocations kept

@@ -14,8 +14,10 @@ checkpoints, since the trainer's checkpoint.resume defaults to auto):
 3. ``runs/<mode>-s<seed>/``  one torchrun per (mode, seed), ``parallel_runs`` at a time: ``train_config`` +
                        ``train_overrides`` + the mode's overrides + train.seed=<seed> + the paths; done once
                        ``hf_final/config.json`` exists
-4. ``passk/``          tools/eval_passk.py: base + every final model on heldout.jsonl (resumable itself)
-5. ``figures/``, ``table.md``  eval/plots.py; pass@k mean ± std over seeds per mode (results.group_table)
+4. ``passk/``          tools/eval_passk.py: base + every final model on heldout.jsonl (resumable itself); with
+                       ``eval.secondary`` the same again at other sampling settings into ``passk_<name>/``
+5. ``figures/``, ``table.md``  eval/plots.py; pass@k mean ± std over seeds per mode (results.group_table), one
+                       section per evaluation (``figures_<name>/passk.png`` for the secondary one)
 
 ``study.json`` records the resolved configuration, every command and the wall time of each step. A mode is one
 entry of ``modes`` ({seeds, overrides}), so a new baseline is one line of the config. A variant (``variants``
@@ -43,7 +45,9 @@ TOP_KEYS = ("out_dir", "task", "model", "train_config", "train_overrides", "npro
             "modes", "eval", "variants")
 TASK_KEYS = ("name", "config", "prompt_style", "train_size", "train_seed", "validation_size")
 EVAL_KEYS = ("size", "data_seed", "exclude_data_seeds", "n", "samples_per_round", "protocol", "temperature", "top_p",
-             "max_tokens", "seed", "table_ks")
+             "max_tokens", "seed", "table_ks", "secondary")
+SECONDARY_KEYS = ("name", "protocol", "temperature", "top_p")  # eval.secondary: the same models and problems, other
+                                                                  # sampling; written to passk_<name>, figures_<name>
 
 
 def study_table(rows, table, ks, ablations, size: int, n: int) -> str:
@@ -90,6 +94,10 @@ def load_study_config(path: str, variant: Optional[str] = None, out_dir: Optiona
         bad = sorted(set(cfg[section]) - set(valid))
         if bad:
             raise StudyError(f"{path}: unknown {section} key(s) {bad}; valid: {list(valid)}")
+    second = cfg["eval"].get("secondary")
+    if second is not None and (not isinstance(second, dict) or set(second) - set(SECONDARY_KEYS)
+                               or not str(second.get("name", "")).replace("_", "").isalnum()):
+        raise StudyError(f"{path}: eval.secondary must be {{name: <letters/digits>, protocol / temperature / top_p}}")
     missing = [k for k in TASK_KEYS if k not in cfg["task"]]
     if missing:
         raise StudyError(f"{path}: task needs {missing}")
@@ -276,37 +284,53 @@ class Study:
             self._check(*failed)
 
     # 4
+    def evaluations(self) -> list[tuple[str, str, dict]]:
+        """(label, folder suffix, sampling) of the primary evaluation and of ``eval.secondary`` if given."""
+        e = self.cfg["eval"]
+        out = [("primary", "", {k: e[k] for k in ("protocol", "temperature", "top_p") if k in e})]
+        if e.get("secondary"):
+            second = dict(e["secondary"])
+            out.append((f"secondary ({second['name']})", f"_{second.pop('name')}", second))
+        return out
+
     def evaluate(self) -> None:
         e = self.cfg["eval"]
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "eval_passk.py"), "--model", f"base={self.model_dir}"]
-        for name, _, _ in run_names(self.cfg):
-            cmd += ["--model", f"{name}={os.path.join(self.out, 'runs', name, 'hf_final')}"]
-        cmd += ["--data", f"heldout={self.heldout}", "--n", str(e["n"]), "--out-dir", self.passk_dir,
-                "--samples-per-round", str(e.get("samples_per_round", 64)), "--max-tokens", str(e["max_tokens"]),
-                "--seed", str(e.get("seed", 0)), "--no-progress"]
-        if e.get("protocol"):
-            cmd += ["--protocol", e["protocol"]]
-        for key in ("temperature", "top_p"):
-            if key in e:
-                cmd += [f"--{key.replace('_', '-')}", str(e[key])]
-        self.log("== pass@k evaluation (resumes what is on disk)")
-        self._run(cmd, os.path.join(self.out, "logs", "eval.log"), "the pass@k evaluation")
+        for label, suffix, sampling in self.evaluations():
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "eval_passk.py"), "--model", f"base={self.model_dir}"]
+            for name, _, _ in run_names(self.cfg):
+                cmd += ["--model", f"{name}={os.path.join(self.out, 'runs', name, 'hf_final')}"]
+            cmd += ["--data", f"heldout={self.heldout}", "--n", str(e["n"]), "--out-dir", self.passk_dir + suffix,
+                    "--samples-per-round", str(e.get("samples_per_round", 64)), "--max-tokens", str(e["max_tokens"]),
+                    "--seed", str(e.get("seed", 0)), "--no-progress"]
+            if sampling.get("protocol"):
+                cmd += ["--protocol", sampling["protocol"]]
+            for key in ("temperature", "top_p"):
+                if key in sampling:
+                    cmd += [f"--{key.replace('_', '-')}", str(sampling[key])]
+            self.log(f"== pass@k evaluation, {label} (resumes what is on disk)")
+            self._run(cmd, os.path.join(self.out, "logs", f"eval{suffix}.log"), f"the {label} pass@k evaluation")
 
     # 5
     def report(self) -> None:
         from .plots import make_figures
 
         runs = [os.path.join(self.out, "runs", name) for name, _, _ in run_names(self.cfg)]
-        for path in make_figures(os.path.join(self.out, "figures"), self.passk_dir, runs):
-            self.log(f"== figure {path}")
-        rows = read_passk_csv(os.path.join(self.passk_dir, "passk.csv"))
-        ks = [k for k in self.cfg["eval"].get("table_ks", [1, 8, 64, 256]) if k <= self.cfg["eval"]["n"]]
-        table = group_table(rows, "heldout", ks)
+        e = self.cfg["eval"]
+        ks = [k for k in e.get("table_ks", [1, 8, 64, 256]) if k <= e["n"]]
         ablations = {mode for mode, spec in self.cfg["modes"].items() if spec.get("ablation")}
-        text = study_table(rows, table, ks, ablations, self.cfg["eval"]["size"], self.cfg["eval"]["n"])
+        texts = []
+        for label, suffix, sampling in self.evaluations():
+            for path in make_figures(os.path.join(self.out, "figures" + suffix), self.passk_dir + suffix,
+                                     runs if not suffix else ()):
+                self.log(f"== figure {path}")
+            rows = read_passk_csv(os.path.join(self.passk_dir + suffix, "passk.csv"))
+            table = group_table(rows, "heldout", ks)
+            texts.append(f"## {label.capitalize()} evaluation: {json.dumps(sampling)}\n\n"
+                         + study_table(rows, table, ks, ablations, e["size"], e["n"]))
+            self.record["table" + suffix] = [{**{k: v for k, v in t.items() if not isinstance(k, int)},
+                                              **{f"pass@{k}": t[k] for k in ks if k in t}} for t in table]
+        text = "\n".join(texts)
         write_text_atomic(os.path.join(self.out, "table.md"), text)
-        self.record["table"] = [{**{k: v for k, v in e.items() if not isinstance(k, int)},
-                                 **{f"pass@{k}": e[k] for k in ks if k in e}} for e in table]
         self.log(text)
 
     def run(self) -> dict:
