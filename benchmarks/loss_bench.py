@@ -245,7 +245,8 @@ def run_child(args, impl, vocabs=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--tokens", type=int, help="N (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--vocab", help="comma-separated V_local values (default 32768 on CPU; 152064,76032,38016 "

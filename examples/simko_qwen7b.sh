@@ -3,7 +3,9 @@
 #
 #   NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 GPUS_PER_NODE=8 \
 #   HF_DIR=/ckpt/Qwen2.5-Math-7B bash examples/simko_qwen7b.sh [key=value overrides ...]
-#   bash examples/simko_qwen7b.sh --dry-run     # validate + parallel layout + per-GPU memory; no GPU needed
+#   bash examples/simko_qwen7b.sh --dry-run --skip-data  # validate + layout + per-GPU memory; no GPU, no data needed
+#   bash examples/simko_qwen7b.sh --dry-run              # the same, and read every row of data.train (on the
+#                                                        # machine that holds it; data.train=PATH to point at it)
 #
 # Before (once, on one node; CPU is enough): convert the HF checkpoint for the trainer's TP/PP —
 #   python tools/convert_checkpoint.py hf-to-megatron --hf-dir $HF_DIR --out-dir $MEG_DIR --tp 2 --pp 1

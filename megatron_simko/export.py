@@ -88,7 +88,8 @@ def export_checkpoint(checkpoint_root: str, hf_dir: str, out_dir: str, step: Opt
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_simko.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                prog="python -m megatron_simko.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint root (<train.log_dir>/checkpoints)")
     p.add_argument("--step", type=int, default=None, help="step to export (default: latest)")
     p.add_argument("--hf-dir", required=True, help="the original Hugging Face directory (config, tokenizer)")

@@ -21,14 +21,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_simko.cli import refuse_flags
 from megatron_simko.config import Config, ConfigError, config_to_dict, load_config, save_config
 from megatron_simko.models.gpt import ModelArch, arch_from_hf_config, padded_vocab_size, validate_parallelism
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+DRY_RUN_ONLY = ("nodes", "gpus_per_node", "gpu_memory_gib", "skip_data")  # a real launch takes its layout from torchrun
+
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    p = argparse.ArgumentParser(prog="python -m megatron_simko.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False,
+                                prog="python -m megatron_simko.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML configuration file (examples/configs/)")
     p.add_argument("--dry-run", action="store_true", help="validate, print layout and memory estimate, exit")
     p.add_argument("--nodes", type=int, default=None, help="dry run: number of nodes (default: $NNODES or 1)")
@@ -37,7 +41,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--skip-data", action="store_true",
                    help="dry run: do not read the datasets (by default every row is parsed and prompt lengths checked)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.alpha=0.02")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.dry_run:
+        refuse_flags(p, args, DRY_RUN_ONLY, "applies to --dry-run only")
+    return args
 
 
 def check_parallel_config(cfg: Config, arch: ModelArch, world_size: int, on_this_machine: bool = True) -> int:
@@ -106,7 +113,11 @@ def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_me
           f"{cfg.data.prompts_per_step // cfg.train.mini_batch_size} optimizer step(s) × {cfg.train.ppo_epochs} "
           f"epoch(s); {cfg.data.prompts_per_step // dp} prompts per DP rank")
     print(f"loss: {cfg.loss}")
-    print(dry_run_data(cfg) if read_data else "data: not read (--skip-data)")
+    try:
+        print(dry_run_data(cfg) if read_data else "data: not read (--skip-data)")
+    except FileNotFoundError as exc:  # the data usually lives on the cluster, not where the dry run is tried
+        raise FileNotFoundError(f"{exc}; pass --skip-data to check the layout and memory without "
+                                "the data") from None
     est = estimate_memory(arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
                           cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib)
     print("per-GPU memory estimate (megatron_simko/memory_estimate.py states the assumptions):")

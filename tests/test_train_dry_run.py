@@ -59,3 +59,13 @@ def test_over_long_prompts_are_counted_by_the_dry_run(model_dir, tmp_path):
     proc = dry_run(model_dir, rows, tmp_path, "rollout.max_prompt_length=8", "train.micro_batch_tokens=2048")
     assert proc.returncode == 2 and "data.train: all 21 prompts are longer than rollout.max_prompt_length=8" \
         in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_data_names_skip_data(model_dir, tmp_path):
+    """The data of a cluster job is rarely where its dry run is tried: the error says how to go on without it."""
+    proc = dry_run(model_dir, ROWS, tmp_path, f"data.train={tmp_path / 'absent.jsonl'}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "absent.jsonl" in last and "no such file" in last and "--skip-data" in last, last
+    proc = dry_run(model_dir, ROWS, tmp_path, f"data.train={tmp_path / 'absent.jsonl'}", "--skip-data")
+    assert proc.returncode == 0 and "data: not read (--skip-data)" in proc.stdout, proc.stderr[-2000:]

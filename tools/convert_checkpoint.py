@@ -23,7 +23,8 @@ def _shard_bytes(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p):
@@ -34,14 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-shard-size", type=_shard_bytes, default="2GB", help="per safetensors file (2GB)")
         p.add_argument("--no-progress", action="store_true")
 
-    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors directory -> native Megatron checkpoint")
+    h2m = sub.add_parser("hf-to-megatron", allow_abbrev=False,
+                         help="HF safetensors directory -> native Megatron checkpoint")
     h2m.add_argument("--hf-dir", required=True)
     h2m.add_argument("--out-dir", required=True)
     h2m.add_argument("--tp", type=int, default=1)
     h2m.add_argument("--pp", type=int, default=1)
     common(h2m)
 
-    m2h = sub.add_parser("megatron-to-hf", help="native Megatron checkpoint -> HF directory")
+    m2h = sub.add_parser("megatron-to-hf", allow_abbrev=False, help="native Megatron checkpoint -> HF directory")
     m2h.add_argument("--megatron-dir", required=True)
     m2h.add_argument("--out-dir", required=True)
     m2h.add_argument("--hf-config-from", default=None,
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the source directory recorded in the checkpoint, if it still exists)")
     common(m2h)
 
-    ver = sub.add_parser("verify", help="round trip HF -> Megatron -> HF (bitwise) + logits vs transformers")
+    ver = sub.add_parser("verify", allow_abbrev=False,
+                         help="round trip HF -> Megatron -> HF (bitwise) + logits vs transformers")
     ver.add_argument("--hf-dir", required=True)
     ver.add_argument("--tp", type=int, default=1)
     ver.add_argument("--pp", type=int, default=1)

@@ -24,11 +24,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_simko.cli import refuse_flags  # noqa: E402
 from megatron_simko.eval.passk import format_table  # noqa: E402
+
+# flags of the sampling mode (--model): none applies to --results, which only reads a file
+MODEL_ONLY = ("data", "task_config", "size", "split", "data_seed", "n", "samples_per_round", "protocol",
+              "temperature", "top_p", "max_tokens", "seed", "dtype", "out_dir", "no_progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--results", help="jsonl of per-problem results")
     src.add_argument("--model", action="append", metavar="NAME=DIR",
@@ -121,7 +127,12 @@ def from_models(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.results:
+        refuse_flags(ap, args, MODEL_ONLY, "does not apply to --results (it reads pass@k inputs from the file)")
+    else:
+        refuse_flags(ap, args, ("out",), "applies to --results only; with --model, results go to --out-dir")
     from megatron_simko.eval.evaluate import EvalError
     from megatron_simko.rollout.vllm_engine import EngineBuildError
 

@@ -212,7 +212,8 @@ def table(rows: list[dict], memory_key: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=sorted(MODES), default=None, help="default: gpu if CUDA is available, else cpu")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "runs", "gpu_smoke"))
     ap.add_argument("--seed", type=int, default=0)

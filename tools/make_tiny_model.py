@@ -25,7 +25,8 @@ from megatron_simko.models.tiny import (DEFAULT_TASK_CONFIGS, PROMPT_STYLES, STO
 
 def build_parser() -> argparse.ArgumentParser:
     d = TinyModelSpec()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", required=True, help="the model folder to create")
     ap.add_argument("--task", default=d.task, help="reasoning-gym task (default chain_sum)")
     ap.add_argument("--task-config", default=None,

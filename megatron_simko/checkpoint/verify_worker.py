@@ -55,7 +55,7 @@ def forward_logits(model, tokens: torch.Tensor, seq_length: int):
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--pp", type=int, required=True)
     ap.add_argument("--ref", action="append", required=True,

@@ -250,7 +250,8 @@ def make_figures(out_dir: str, passk_dir: Optional[str] = None, run_dirs: Sequen
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megatron_simko.eval.plots", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 prog="python -m megatron_simko.eval.plots", description=__doc__.split("\n")[0],
                                  epilog="Each figure is described in the module docstring.")
     ap.add_argument("--passk", help="an evaluation folder (passk.csv, per_problem.csv) or a passk.csv")
     ap.add_argument("--runs", nargs="*", default=[], help="training run folders (metrics.jsonl, histograms.jsonl)")

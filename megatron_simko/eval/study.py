@@ -353,7 +353,8 @@ def free_port() -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megatron_simko.eval.study", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False,
+                                 prog="python -m megatron_simko.eval.study", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "examples", "configs", "toy_study.yaml"))
     ap.add_argument("--variant", help="a variant of the config (e.g. smoke, dev)")
     ap.add_argument("--out-dir", help="override the config's out_dir")
