@@ -3,6 +3,7 @@
     python examples/tree_mdp.py                      # the whole grid, 2 worker processes
     python examples/tree_mdp.py --out docs/casp_toy  # also results.json, table.md and the figure
     python examples/tree_mdp.py --quick              # one seed, one learning rate (a smoke run)
+    python examples/tree_mdp.py --out docs/casp_toy --plot-only   # redraw the figure from results.json
 """
 import argparse
 import json
@@ -21,7 +22,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="seed 0 and the first learning rate only")
     p.add_argument("--out", default=None, help="directory for results.json, table.md and tree_mdp.png")
+    p.add_argument("--plot-only", action="store_true", help="redraw OUT/tree_mdp.png from OUT/results.json")
     a = p.parse_args()
+    if a.plot_only:
+        from megatron_simko.toy.figure import plot_modes
+
+        with open(os.path.join(a.out, "results.json")) as f:
+            plot_modes(json.load(f)["final"], os.path.join(a.out, "tree_mdp.png"))
+        return 0
     runs = tree_mdp.grid_runs(a.steps)
     if a.quick:
         runs = [r for r in runs if r.seed == 0 and r.lr == tree_mdp.LEARNING_RATES[0]]
