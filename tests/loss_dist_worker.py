@@ -52,9 +52,9 @@ CASES = {
         "simko_basic": {},
         "simko_defaults": dict(alpha=0.01, lam=1.1),
         # v3's ratio form: λ·r crosses 1 − ε_low on some λ-tokens (the fixture check below demands one)
-        "simko_ratio_form": dict(lam_form="ratio", lam=1.1, adv="BL"),
+        "simko_ratio_form": dict(lam_form="ratio", lam=1.5, adv="BL", B=16),
         "simko_ratio_form_padded_bf16": dict(lam_form="ratio", lam=1.3, dtype="bf16", vocab_size=ROWS - 5,
-                                             pad_logit=20.0, temperature=0.7, entropy_coef=0.05),
+                                             pad_logit=20.0, temperature=0.7, entropy_coef=0.05, B=16),
         "temperature_adv_BL": dict(temperature=0.7, adv="BL"),
         "padded_vocab_last_shard": dict(vocab_size=ROWS - 5, pad_logit=10.0),
         "padded_vocab_two_shards": dict(vocab_size=ROWS - 19, pad_logit=10.0, temperature=1.3),
