@@ -307,14 +307,15 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times["time/rollout"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # 2. GRPO advantages inside build_experience (per prompt group).
+    # 2. GRPO advantages (per prompt group) and packing, inside build_experience. time/rollout includes the scoring
+    # (dynamic sampling interleaves the two); time/experience is this phase.
     lengths = torch.tensor([s.length for r in results for s in r.samples])
     truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
     metrics = {**rollout_metrics(rewards, lengths, truncated, n), **got.metrics}
     mine = dp_share(results, L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups, contiguous)
     lo = mine[0].prompt_index  # results are in global prompt order
     batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id, L.device)
-    times["time/reward"] = time.perf_counter() - t
+    times["time/experience"] = time.perf_counter() - t
     t = time.perf_counter()
 
     # 3. old-policy log-probs (the policy that generated the rollouts, recomputed by the trainer) + metrics.
