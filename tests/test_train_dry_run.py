@@ -73,7 +73,8 @@ TRAIN_CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml") 
 def test_every_example_config_dry_runs(name, model_dir, capsys):
     """Each training config as committed: the architecture its model.hf_dir names (examples/model_configs/, or
     the tiny fixture for the CPU configs, whose models a script makes), its data read when it is local
-    (reasoning-gym tasks — at most 2,000 generated —, files present), --skip-data otherwise; the layout must fit 80 GB GPUs."""
+    (reasoning-gym tasks — at most 2,000 generated —, files present), --skip-data otherwise; the layout must fit
+    80 GB GPUs."""
     import yaml
 
     from megatron_simko.train import main
