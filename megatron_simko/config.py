@@ -102,6 +102,10 @@ class RolloutConfig:
     sync_bucket_mb: int = 256
     verify_sync_every: int = 1  # checksum-verify the weight sync every N steps (0: never)
     tis_cap: Optional[float] = None  # truncated importance sampling cap; None = off
+    # DAPO dynamic sampling (rollout/dynamic_sampling.py): drop groups whose rewards are all equal, generate for
+    # the loader's next prompts until the step holds data.prompts_per_step mixed groups, at most this many rounds.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 10
 
     def __post_init__(self):
         _require(self.backend in ROLLOUT_BACKENDS, "rollout.backend",
@@ -123,6 +127,8 @@ class RolloutConfig:
         _require(self.max_prompt_length >= 1 and self.max_response_length >= 1, "rollout.max_*_length", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "must be > 0 or null")
+        _require(self.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds",
+                 f"must be >= 1 (generation rounds per step), got {self.dynamic_sampling_max_rounds}")
 
 
 @dataclass

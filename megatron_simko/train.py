@@ -276,30 +276,10 @@ def sampling_config(c: Components, step: int, validation: bool = False):
 
 
 def score_globally(c: Components, results, examples) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Decode and score every response of the global batch: each rank scores a contiguous slice, then all
-    ranks gather all rewards (so rollout metrics are global without further communication), and the global
-    count of reward failures (reward/timeouts, reward/errors, reward/verify_timeouts: each scored 0.0)."""
-    import torch.distributed as dist
+    """Global rewards [P·n] and reward-failure counts of the batch (every rank scores a slice, all gather)."""
+    from megatron_simko.rollout.dynamic_sampling import score_globally as score
 
-    from megatron_simko.rollout import shard_bounds
-
-    flat = [(p, s) for p, r in enumerate(results) for s in r.samples]
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    lo, hi = shard_bounds(len(flat), rank, world)
-    texts = [c.tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat[lo:hi]]
-    before = c.scorer.counters()
-    mine = c.scorer.score(texts, [examples[p] for p, _ in flat[lo:hi]])
-    failed = {k: v - before[k] for k, v in c.scorer.counters().items()}
-    parts = [(mine, failed)]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (mine, failed))
-    rewards = [x for part, _ in parts for x in part]
-    failures = {f"reward/{k}": float(sum(f[k] for _, f in parts)) for k in failed}
-    if any(failures.values()):
-        log(f"warning: {', '.join(f'{int(v)} {k[7:]}' for k, v in failures.items())} among {len(flat)} responses "
-            f"(scored 0.0): raise data.reward_timeout_s, or check the reward function / the machine's load")
-    return torch.tensor(rewards, dtype=torch.float32), failures
+    return score(c.scorer, c.tokenizer, results, examples, log=log)
 
 
 # Loss metrics already logged from the pre-update statistics of the whole batch (entropy/mean, lambda/k, ...).
@@ -312,7 +292,9 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron_simko.advantages import minibatches_with_signal
     from megatron_simko.experience import build_experience, rollout_metrics
     from megatron_simko.metrics import device_memory_metrics, token_metrics
+    from megatron_simko.losses.schedule import in_grpo_warmup, loss_config_at_step
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
+    from megatron_simko.rollout.dynamic_sampling import collect_step_rollouts
     from megatron_simko.rollout.sharding import RolloutLayout
     from megatron_simko.trainer.optimizer import train_step
     from megatron_simko.trainer.step import compute_token_stats
@@ -322,24 +304,29 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times: Dict[str, float] = {}
     t = time.perf_counter()
 
-    # 1. rollout: the global prompt batch, n samples each, sharded over rollout replicas, gathered to all ranks.
-    examples = c.loader.next_batch()
-    prompt_ids = encode_prompts(c, examples)
-    results = generate_global(c.engine, prompt_ids, n, sampling_config(c, step),
-                              RolloutLayout.current(c.engine.tensor_parallel), step=step)
+    # 1. rollout + rewards: the global prompt batch, n samples each, sharded over rollout replicas, gathered to
+    # all ranks, scored globally (with rollout.dynamic_sampling: more rounds until only mixed groups remain).
+    def generate(ids, offset):
+        return generate_global(c.engine, ids, n, sampling_config(c, step),
+                               RolloutLayout.current(c.engine.tensor_parallel), step=step, prompt_offset=offset)
+
+    got = collect_step_rollouts(c.loader.next_batch, lambda ex: encode_prompts(c, ex), generate,
+                                lambda res, ex: score_globally(c, res, ex), n, cfg.rollout.dynamic_sampling,
+                                cfg.rollout.dynamic_sampling_max_rounds, log=log, step=step)
     c.engine.release_memory()
+    results, rewards, prompt_ids = got.results, got.rewards, got.prompt_ids
     times["time/rollout"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # 2. rewards (global) → GRPO advantages inside build_experience (per prompt group).
-    rewards, reward_failures = score_globally(c, results, examples)
+    # 2. GRPO advantages (per prompt group) and packing, inside build_experience. time/rollout includes the scoring
+    # (dynamic sampling interleaves the two); time/experience is this phase.
     lengths = torch.tensor([s.length for r in results for s in r.samples])
     truncated = torch.tensor([s.finish_reason == "length" for r in results for s in r.samples])
-    metrics = {**rollout_metrics(rewards, lengths, truncated, n), **reward_failures}
+    metrics = {**rollout_metrics(rewards, lengths, truncated, n), **got.metrics}
     mine = dp_share(results, L.dp_rank, L.dp)  # this DP rank's prompts (whole GRPO groups, contiguous)
     lo = mine[0].prompt_index  # results are in global prompt order
     batch = build_experience(mine, rewards[lo * n:(lo + len(mine)) * n].tolist(), c.tokenizer.pad_id, L.device)
-    times["time/reward"] = time.perf_counter() - t
+    times["time/experience"] = time.perf_counter() - t
     t = time.perf_counter()
 
     # 3. old-policy log-probs (the policy that generated the rollouts, recomputed by the trainer) + metrics.
@@ -361,6 +348,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     # 4. PPO-style updates: epochs × mini-batches (whole prompt groups, in order), one optimizer step each —
     # except for a mini-batch whose groups are all-correct or all-wrong (every advantage 0): no Adam step, its
     # LR-schedule slot passes. Decided from the global rewards, so every rank agrees without communicating.
+    # loss.grpo_warmup_steps: plain GRPO first (a function of the step number, so exact across a resume).
+    loss_cfg, metrics["loss/grpo_warmup"] = loss_config_at_step(cfg.loss, step), float(in_grpo_warmup(cfg.loss, step))
     rows_per_mini = cfg.train.mini_batch_size // L.dp * n
     with_signal = minibatches_with_signal(rewards, n, L.dp, cfg.train.mini_batch_size)
     train_metrics: List[Dict[str, float]] = []
@@ -370,7 +359,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
                 c.scheduler.step(increment=1)
                 continue
             mini = batch.select(range(start, min(start + rows_per_mini, batch.batch_size)))
-            out = train_step(c.model, c.optimizer, c.scheduler, mini, cfg.loss, c.arch.vocab_size,
+            out = train_step(c.model, c.optimizer, c.scheduler, mini, loss_cfg, c.arch.vocab_size,
                              temperature=cfg.rollout.temperature, max_tokens=cfg.train.micro_batch_tokens,
                              guard=c.guard, step=step)
             train_metrics.append({**{f"loss/{k}": v for k, v in out.metrics.items() if k not in _LOGGED_ELSEWHERE
@@ -424,6 +413,7 @@ def train(cfg: Config, arch: ModelArch) -> int:
     from tqdm import tqdm
 
     from megatron_simko.export import export_live_model
+    from megatron_simko.losses.schedule import warmup_log_line
     from megatron_simko.metrics import MetricsLogger
     from megatron_simko.parallel import destroy_parallel
     from megatron_simko.trainer.checkpointing import latest_step, load_checkpoint, save_checkpoint
@@ -459,6 +449,8 @@ def train(cfg: Config, arch: ModelArch) -> int:
     bar = tqdm(range(start_step + 1, cfg.train.steps + 1), desc="RL steps", disable=not _is_logging_rank(),
                dynamic_ncols=True, file=sys.stdout)
     for step in bar:
+        if warmup_log_line(cfg.loss, step, start_step + 1):
+            log(warmup_log_line(cfg.loss, step, start_step + 1))
         metrics = rl_step(c, step)
         hist = metrics.pop("_entropy_hist")
         if cfg.train.validate_every and c.val_prompts and step % cfg.train.validate_every == 0:

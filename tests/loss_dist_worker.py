@@ -39,7 +39,8 @@ FP32_TOL = dict(rtol=1e-6, atol=1e-6)
 BF16_GRAD_TOL = dict(rtol=2.0 ** -7, atol=1e-6)
 COMM_C, COMM_D = 3, 4  # forward bound: every collective carries <= COMM_C·K·TP + COMM_D elements per token
 
-BASE = dict(B=5, L=20, vocab_size=ROWS, top_k=3, temperature=1.0, mode="simko", alpha=0.3, lam=2.0, tau=0.8,
+BASE = dict(B=5, L=20, vocab_size=ROWS, top_k=3, temperature=1.0, mode="simko", alpha=0.3, lam=2.0,
+            lam_form="advantage", tau=0.8,
             adv="B", pad_logit=None, spread=False, zero_adv=False, dtype="fp32", chunk_tokens=2048,
             token_normalizer=None, entropy_coef=0.0, kl_cov_ratio=0.002, clip_cov_ratio=0.0002, clip_cov_lb=1.0,
             clip_cov_ub=5.0, selection_seed=0)
@@ -50,6 +51,10 @@ CASES = {
     name: {**BASE, **over} for name, over in {
         "simko_basic": {},
         "simko_defaults": dict(alpha=0.01, lam=1.1),
+        # v3's ratio form: λ·r crosses 1 − ε_low on some λ-tokens (the fixture check below demands one)
+        "simko_ratio_form": dict(lam_form="ratio", lam=1.5, adv="BL", B=16),
+        "simko_ratio_form_padded_bf16": dict(lam_form="ratio", lam=1.3, dtype="bf16", vocab_size=ROWS - 5,
+                                             pad_logit=20.0, temperature=0.7, entropy_coef=0.05, B=16),
         "temperature_adv_BL": dict(temperature=0.7, adv="BL"),
         "padded_vocab_last_shard": dict(vocab_size=ROWS - 5, pad_logit=10.0),
         "padded_vocab_two_shards": dict(vocab_size=ROWS - 19, pad_logit=10.0, temperature=1.3),
@@ -126,7 +131,7 @@ def make_inputs(case: dict, seed: int = 0):
     return logits, targets, old_logprob, advantages, mask, old_topk
 
 
-LOSS_KEYS = ("entropy_coef", "kl_cov_ratio", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")
+LOSS_KEYS = ("lam_form", "entropy_coef", "kl_cov_ratio", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")
 
 
 def config_of(case: dict) -> SimKOConfig:
@@ -269,6 +274,11 @@ def check_case(name: str, case: dict, rank: int, world: int, group) -> list[str]
                 failures.append("fixture: Entropy-Adv does not exercise both branches of the min")
         if case["mode"] == "simko" and not (metrics["lam_fraction"] > 0 and metrics["topk_credit_fraction"] > 0):
             failures.append("fixture: no λ-scaled or no top-K-credit token")
+        if case["lam_form"] == "ratio":  # where the forms differ: r < 1 − ε_low ≤ λ·r (clipped in one form only)
+            r = aux["r"].detach()
+            only_ratio_unclipped = aux["lam_applied"] & (r < 1 - cfg.clip_low) & (case["lam"] * r >= 1 - cfg.clip_low)
+            if not only_ratio_unclipped.any():
+                failures.append("fixture: no λ-token where the two λ forms differ")
     if case["spread"] and world > 1:
         shards_hit = [len(set((ids // v_local).tolist())) for ids in stats.topk_ids[mask]]
         if sum(s > 1 for s in shards_hit) < len(shards_hit) / 2:

@@ -69,3 +69,44 @@ def test_missing_data_names_skip_data(model_dir, tmp_path):
     assert "absent.jsonl" in last and "no such file" in last and "--skip-data" in last, last
     proc = dry_run(model_dir, ROWS, tmp_path, f"data.train={tmp_path / 'absent.jsonl'}", "--skip-data")
     assert proc.returncode == 0 and "data: not read (--skip-data)" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------- every example config
+
+CONFIG_DIR = os.path.join(ROOT, "examples", "configs")
+MODEL_CONFIGS = os.path.join(ROOT, "examples", "model_configs")  # architecture-only config.json, no weights
+STUDY_CONFIGS = {"toy_study.yaml"}  # the pass@K study driver's config (tests/test_toy_study.py loads it)
+TRAIN_CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml") and f not in STUDY_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_every_example_config_dry_runs(name, model_dir, capsys):
+    """Each training config as committed: the architecture its model.hf_dir names (examples/model_configs/, or
+    the tiny fixture for the CPU configs, whose models a script makes), its data read when it is local
+    (reasoning-gym tasks — at most 2,000 generated —, files present), --skip-data otherwise; the layout must fit
+    80 GB GPUs."""
+    import yaml
+
+    from megatron_simko.train import main
+
+    with open(os.path.join(CONFIG_DIR, name)) as f:
+        raw = yaml.safe_load(f)
+    arch_dir = os.path.join(MODEL_CONFIGS, os.path.basename(raw["model"]["hf_dir"]))
+    big = os.path.isdir(arch_dir)
+    train = raw["data"]["train"]
+    local_data = train.startswith("reasoning_gym/") or os.path.isfile(os.path.join(ROOT, train))
+    argv = ["--config", os.path.join(CONFIG_DIR, name), "--dry-run", "--nodes", "4" if big else "1",
+            "--gpus-per-node", "8" if big else "2", f"model.hf_dir={arch_dir if big else model_dir}"]
+    argv += [] if local_data else ["--skip-data"]
+    if train.startswith("reasoning_gym/") and raw["data"].get("train_size", 0) > 2000:
+        argv.append("data.train_size=2000")  # the same generator and checks; 20,000 logic puzzles take minutes
+    code = main(argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "\nfits\n" in out.out, out.out[-3000:]
+    assert ("data OK:" in out.out) == local_data
+    if name == "casp_qwen32b.yaml":  # the README and the config state this layout and estimate
+        assert "4 node(s) × 8 GPUs = 32 ranks = TP 8 × PP 2 × DP 2" in out.out
+        assert "peak, rollout phase         62.9 GiB of 80" in out.out
+    if name == "casp_logic_qwen7b.yaml":
+        assert "lam=1.05" in out.out and "grpo_warmup_steps=50" in out.out and "clip_high=0.28" in out.out

@@ -134,3 +134,32 @@ def test_bad_configs_fail_before_any_process_group(override, needle):
     proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run", override], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=dict(_env(), PYTHON=PY))
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_and_grpo_warmup_resume_exactly(tiny_model, tmp_path):
+    """rollout.dynamic_sampling + loss.grpo_warmup_steps=1, DP 2 (two ranks, TP 1), transformers rollouts: the
+    metrics and log lines are there, step 1 is GRPO and step 2 SimKO, and a run resumed from step 1's checkpoint
+    (the loader position after every extra round included) reproduces step 2 exactly."""
+    extra = ("rollout.backend=transformers", "parallel.tensor_parallel=1", "rollout.dynamic_sampling=true",
+             "rollout.dynamic_sampling_max_rounds=3", "loss.grpo_warmup_steps=1", "train.validate_every=0",
+             "train.steps=2", "checkpoint.save_every=1")
+    run_a = tmp_path / "a"
+    metrics_a, stdout_a = _train(run_a, tiny_model, *extra, "checkpoint.resume=none")
+    assert [m["step"] for m in metrics_a] == [1, 2]
+    assert [m["loss/grpo_warmup"] for m in metrics_a] == [1.0, 0.0]
+    assert "step 1: GRPO warm-up" in stdout_a and "step 2: GRPO warm-up over" in stdout_a
+    for m in metrics_a:
+        assert 1 <= m["rollout/generation_rounds"] <= 3 and 0.0 <= m["rollout/kept_group_fraction"] <= 1.0
+        kept = m["rollout/kept_group_fraction"] * m["rollout/generation_rounds"] * 8  # mixed groups generated
+        assert m["rollout/short_groups"] == max(0, 8 - round(kept))
+    assert any(m["rollout/short_groups"] > 0 for m in metrics_a) == ("topped up with" in stdout_a)
+    run_b = tmp_path / "b"
+    os.makedirs(run_b / "checkpoints")
+    shutil.copytree(run_a / "checkpoints" / "iter_0000001", run_b / "checkpoints" / "iter_0000001")
+    (run_b / "checkpoints" / "latest").write_text("1")
+    metrics_b, stdout_b = _train(run_b, tiny_model, *extra, "checkpoint.resume=auto")
+    assert [m["step"] for m in metrics_b] == [2] and "step 2: GRPO warm-up over" in stdout_b
+    a, b = metrics_a[1], metrics_b[0]
+    diffs = {k: (a[k], b.get(k)) for k in a if not k.startswith(NONDETERMINISTIC) and a[k] != b.get(k)}
+    assert not diffs, f"resumed step differs: {diffs}"

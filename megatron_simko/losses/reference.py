@@ -19,8 +19,9 @@ W_REINFORCE_POSITIVE_WEIGHT = 0.1  # restated, not imported: the reference stays
 
 def reference_simko_loss(logits_full: torch.Tensor, targets: torch.Tensor, old_logprob: torch.Tensor,
                          advantages: torch.Tensor, mask: torch.Tensor, *, mode: str = "simko", top_k: int = 3,
-                         alpha: float = 0.01, lam: float = 1.1, tau: float = 0.8, clip_low: float = 0.2,
-                         clip_high: float = 0.2, temperature: float = 1.0, vocab_size: Optional[int] = None,
+                         alpha: float = 0.01, lam: float = 1.1, lam_form: str = "advantage", tau: float = 0.8,
+                         clip_low: float = 0.2, clip_high: float = 0.2, temperature: float = 1.0,
+                         vocab_size: Optional[int] = None,
                          old_topk_logprob: Optional[torch.Tensor] = None, token_normalizer: Optional[float] = None,
                          entropy_coef: float = 0.0, kl_cov_ratio: float = 0.002, kl_cov_coef: float = 1.0,
                          clip_cov_ratio: float = 0.0002, clip_cov_lb: float = 1.0, clip_cov_ub: float = 5.0,
@@ -30,7 +31,8 @@ def reference_simko_loss(logits_full: torch.Tensor, targets: torch.Tensor, old_l
 
     old_topk_logprob [B, L, K]: log π_old(c_k), arbitrary (default zeros) — the literal γ uses
     r_k = π(c_k)/π_old(c_k) and the spec says its value cancels; tests check that. cov_selected [B, L] bool:
-    use this KL-Cov / Clip-Cov selection instead of choosing among this call's tokens.
+    use this KL-Cov / Clip-Cov selection instead of choosing among this call's tokens. lam_form: "advantage"
+    (A ← λA, the released code) or "ratio" (γ ← λγ before the clip, the paper's v3).
     """
     B, L, _ = logits_full.shape
     V = vocab_size if vocab_size is not None else logits_full.shape[-1]
@@ -68,7 +70,12 @@ def reference_simko_loss(logits_full: torch.Tensor, targets: torch.Tensor, old_l
         literal = (1 - alpha * wf) * r + (alpha * wf / top_k) * ((r[..., None] / r_k).detach() * r_k).sum(-1)
         gamma = torch.where(A > 0, literal, r)
         lam_applied = (A < 0) & w & is_rank1
-        A = torch.where(lam_applied, lam * A, A)
+        if lam_form == "ratio":
+            gamma = torch.where(lam_applied, lam * gamma, gamma)
+        elif lam_form == "advantage":
+            A = torch.where(lam_applied, lam * A, A)
+        else:
+            raise ValueError(f"unknown lam_form {lam_form!r}")
     elif mode == "psr":
         A = torch.where(A > 0, A, 0.0)
     elif mode == "nsr":

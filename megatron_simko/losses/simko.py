@@ -9,7 +9,8 @@ Per valid token t of response i (symbols of SIMKO_SPEC.md):
                     implemented as s = (1 − αw)·logp + (αw/K)·Σ_k log π(c_k),
                     γ = exp(sg(logp) − old_logp) · exp(s − sg(s))
                     (the literal γ = (1 − αw) r + (αw/K) Σ_k sg(r/r_k) r_k, whose old top-K log-probs cancel);
-    A < 0 (simko), w = 1 and y_t rank-1:  A ← λ·A
+    A < 0 (simko), w = 1 and y_t rank-1:  A ← λ·A            (lam_form "advantage": the released code)
+                                          γ ← λ·γ = λ·r       (lam_form "ratio": v3's pseudo-code, before the clip)
     otherwise:      γ = r, A unchanged
     loss_t = max(−A γ, −A clip(γ, 1 − ε_low, 1 + ε_high))
 The loss is the token mean of loss_t over `mask` (or Σ loss_t / token_normalizer).
@@ -21,6 +22,9 @@ Baseline modes (GRPO family: same clipped-ratio loss with γ = r; α and λ are 
     w_reinforce  A ← 0.1·A where A > 0, A where A < 0 ("The Surprising Effectiveness of Negative
                  Reinforcement"), still through the clipped ratio
 "simko" with alpha = 0 and lam = 1 reproduces "grpo" exactly (bitwise).
+The two λ forms agree (value and gradient) except at λ-tokens where the clip is active in either form,
+min(r, λ·r) < 1 − ε_low (A < 0: the upper clip never binds); there the advantage form is λ|A|·max(r, 1 − ε_low)
+and the ratio form |A|·max(λ·r, 1 − ε_low).
 
 The exploration baselines of the SimKO paper (γ = r; α and λ ignored; defaults: SimKOConfig):
     kl_cov       no ratio clipping; loss_t = −A r + β |log r| on the tokens `covariance.py` selects (the
@@ -43,6 +47,7 @@ from .triton_kernels import BACKENDS
 from .covariance import covariance_selection
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, TokenStats, token_statistics
 
+LAM_FORMS = ("advantage", "ratio")  # where λ multiplies: A (the released code) or γ before clipping (v3, CaSP)
 MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce", "kl_cov", "clip_cov", "entropy_adv")
 COVARIANCE_MODES = ("kl_cov", "clip_cov")  # modes whose token selection needs population statistics
 W_REINFORCE_POSITIVE_WEIGHT = 0.1
@@ -54,7 +59,9 @@ class SimKOConfig:
 
     mode: one of MODES. top_k: K candidates c_1..c_K. alpha: α, share of the positive credit moved to the
     top-K at high-entropy tokens. lam: λ, extra push on wrong rank-1 high-entropy tokens (λ ≥ 1 in the paper;
-    any λ > 0 accepted). tau: τ, per-response entropy quantile. clip_low/clip_high: ε_low/ε_high.
+    any λ > 0 accepted). lam_form: "advantage" (A ← λA, the released code; SIMKO_SPEC.md) or "ratio" (γ ← λγ
+    before the clip, the paper's v3 pseudo-code; differs only where the clip is active). tau: τ, per-response
+    entropy quantile. clip_low/clip_high: ε_low/ε_high.
     chunk_tokens: tokens per chunk of the vocab-parallel kernel (bounds its fp32 [chunk, V_local] buffer).
     backend: "auto" (Triton kernels on CUDA when Triton imports, else torch), "torch" or "triton".
 
@@ -74,6 +81,7 @@ class SimKOConfig:
     top_k: int = 3
     alpha: float = 0.01
     lam: float = 1.1
+    lam_form: str = "advantage"
     tau: float = 0.8
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -87,6 +95,7 @@ class SimKOConfig:
     clip_cov_ub: float = 5.0
     entropy_adv_alpha: float = 0.4
     entropy_adv_kappa: float = 2.0
+    grpo_warmup_steps: int = 0  # RL steps 1..N train with mode "grpo" first (losses/schedule.py; v3's logic recipe)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -97,6 +106,8 @@ class SimKOConfig:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
         if not self.lam > 0.0:
             raise ValueError(f"lam must be > 0, got {self.lam!r}")
+        if self.lam_form not in LAM_FORMS:
+            raise ValueError(f"lam_form must be one of {LAM_FORMS}, got {self.lam_form!r}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau!r}")
         if not self.clip_low >= 0.0:
@@ -121,6 +132,10 @@ class SimKOConfig:
             raise ValueError(f"entropy_adv_alpha must be >= 0, got {self.entropy_adv_alpha!r}")
         if not self.entropy_adv_kappa > 0.0:
             raise ValueError(f"entropy_adv_kappa must be > 0, got {self.entropy_adv_kappa!r}")
+        if isinstance(self.grpo_warmup_steps, bool) or not isinstance(self.grpo_warmup_steps, int) \
+                or self.grpo_warmup_steps < 0:
+            raise ValueError(f"grpo_warmup_steps must be an int >= 0 (RL steps of plain GRPO first), got "
+                             f"{self.grpo_warmup_steps!r}")
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
@@ -221,8 +236,11 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
     if cfg.mode == "simko":
         topk_credit = w & (A > 0)
         lam_applied = w & (A < 0) & stats.is_rank1
-        A = torch.where(lam_applied, cfg.lam * A, A)
         gamma = simko_gamma(logp, stats.topk_logprob, old, cfg.alpha * topk_credit.float())
+        if cfg.lam_form == "ratio":  # v3: ratio[adv < 0 & is_top1 & w] *= λ, then the clip below
+            gamma = torch.where(lam_applied, cfg.lam * gamma, gamma)
+        else:
+            A = torch.where(lam_applied, cfg.lam * A, A)
     else:
         topk_credit = lam_applied = torch.zeros_like(mask)
         gamma = torch.exp(logp.detach() - old) * torch.exp(logp - logp.detach())  # = r, same graph as simko

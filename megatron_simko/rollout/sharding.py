@@ -58,22 +58,24 @@ class RolloutLayout:
 
 
 def generate_global(engine: RolloutEngine, prompts: Sequence[Sequence[int]], n: int, params: SamplingConfig,
-                    layout: RolloutLayout, *, step: int = 0, group=None) -> List[RolloutResult]:
+                    layout: RolloutLayout, *, step: int = 0, group=None, prompt_offset: int = 0) -> List[RolloutResult]:
     """Generate the global prompt list across all replicas; every rank returns all results, in prompt order.
 
     ``prompts`` must be the same global list on every rank. Collective over ``group`` (default: the world).
+    ``prompt_offset``: the global index of ``prompts[0]`` (seeding and ``prompt_index``; dynamic sampling's later
+    rounds of a step continue the numbering, so no two requests of a step share a seed).
     """
     lo, hi = shard_bounds(len(prompts), layout.replica, layout.num_replicas)
-    local = engine.generate(prompts[lo:hi], n, params, step=step, prompt_offset=lo)
+    local = engine.generate(prompts[lo:hi], n, params, step=step, prompt_offset=prompt_offset + lo)
     if layout.world_size == 1:
         return local
     gathered: List[Optional[List[RolloutResult]]] = [None] * layout.world_size
     # Ranks of one replica hold identical results: only the replica leader contributes them.
     dist.all_gather_object(gathered, local if layout.is_replica_leader else None, group=group)
     results = sorted((r for part in gathered if part for r in part), key=lambda r: r.prompt_index)
-    if [r.prompt_index for r in results] != list(range(len(prompts))):
+    if [r.prompt_index for r in results] != list(range(prompt_offset, prompt_offset + len(prompts))):
         raise RuntimeError(f"rollout gather is incomplete: got prompt indices {[r.prompt_index for r in results]}, "
-                           f"expected 0..{len(prompts) - 1}")
+                           f"expected {prompt_offset}..{prompt_offset + len(prompts) - 1}")
     return results
 
 

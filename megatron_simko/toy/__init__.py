@@ -1,0 +1,1 @@
+"""Small, fully inspectable experiments built on the package (the paper's tabular tree MDP)."""
