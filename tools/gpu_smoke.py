@@ -62,8 +62,9 @@ MODES = {
 }
 PHASES = ("rollout", "reward", "old_logprob", "train", "sync", "step")
 # Seconds per stage (a hang must not eat the device window); the sum stays under the 10-minute device budget.
-STAGE_TIMEOUTS = {"gpu": dict(preflight=60, build=150, run1=150, run2=120, export=60),
-                  "cpu": dict(preflight=120, build=300, run1=300, run2=300, export=120)}
+PREFLIGHT_TIMEOUT = 90  # before the mode is known (importing torch decides it)
+STAGE_TIMEOUTS = {"gpu": dict(build=150, run1=150, run2=120, export=60),
+                  "cpu": dict(build=300, run1=300, run2=300, export=120)}
 # Imports the stages need: (module, distribution for the version, required).
 PREFLIGHT = (("torch", "torch", True), ("transformers", "transformers", True), ("megatron.core", "megatron-core", True),
              ("safetensors", "safetensors", True), ("tokenizers", "tokenizers", True), ("yaml", "pyyaml", True),
@@ -345,8 +346,11 @@ def main(argv=None) -> int:
 
     # 0. pre-flight: before anything slow, every import with its version.
     t0 = time.perf_counter()
-    versions, missing = preflight()
-    stages["preflight"] = dict(seconds=round(time.perf_counter() - t0, 1), ok=not missing)
+    try:
+        versions, missing = in_process(PREFLIGHT_TIMEOUT, preflight)
+    except StageTimeout as e:
+        versions, missing = {}, [f"pre-flight imports: {e}"]
+    stages["preflight"] = dict(seconds=round(time.perf_counter() - t0, 1), ok=not missing, limit=PREFLIGHT_TIMEOUT)
     summary["versions"] = versions
     print("== pre-flight: " + ", ".join(f"{m} {v or 'MISSING'}" for m, v in versions.items()), flush=True)
     import torch
