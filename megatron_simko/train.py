@@ -340,7 +340,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times["time/train"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # 5. weight sync into the engine (checksum-verified every rollout.verify_sync_every steps).
+    # 5. weight sync into the engine (checksum-verified every rollout.verify_sync_every steps). Each wake-up
+    # first hands PyTorch's cached training peak back (gc.collect + empty_cache, inside resume_memory).
     c.engine.resume_memory(("weights",))
     report = c.sync.sync()
     c.engine.resume_memory(("kv_cache",))
