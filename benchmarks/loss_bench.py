@@ -2,6 +2,7 @@
 
     python benchmarks/loss_bench.py --device cuda --check --sweep --json OUT.json   # the whole GPU run (minutes)
     python benchmarks/loss_bench.py                                                 # CPU: N=2048, V=32768, fp32
+    python benchmarks/loss_bench.py --check --dtype bfloat16 --tokens 512 --vocab 4099   # CPU check (interpreter)
 
 Rows (each implementation in its own subprocess, so that peak memory is its own; one subprocess loops over V):
   expand_k      the SimKO authors' approach as issue 11 describes it: top-K log-probs from the logits expanded
@@ -16,7 +17,8 @@ Rows (each implementation in its own subprocess, so that peak memory is its own;
                 fwd+bwd (read the logits twice, write the gradient once) is 3·bytes / BW = 1.5·t_copy
 ms = median wall time of one fwd+bwd (CUDA synchronised); extra GiB = peak during the runs − memory held
 after building the inputs (torch.cuda.max_memory_allocated; CPU: ru_maxrss − RSS at start), the returned
-[N, V] gradient included. --check: compiled Triton vs torch backend, every output and the gradient. --sweep:
+[N, V] gradient included. --check: Triton (compiled on CUDA, interpreted on CPU) vs torch backend, every output
+and the gradient, tie-aware (check_verdict; tolerances CHECK_TOL and why), exit 1 on a failure. --sweep:
 the two kernels alone per (tile, warps), each against its own bound (forward: read once; backward: read +
 write). --json: everything as JSON too.
 """
@@ -162,42 +164,103 @@ def child(args) -> list:
     return rows
 
 
+# Tolerances of --check (Triton vs the torch backend). The CPU interpreter evaluates tl.exp with numpy's exp
+# and no FMA contraction: the tests' 1e-6 holds there (tests/loss_triton_worker.py). Compiled for a GPU, tl.exp
+# becomes ex2.approx (exp2 with ~2 ulp relative error after a multiply by log2 e) and the compiler contracts
+# a*b+c into FMAs the torch path rounds twice: each e^{z−m} term is off by a few 1e-7 relative, the fp32 sums
+# over V ≈ 1e5 terms by up to ~1e-6 relative and log-probabilities of magnitude up to ~30 by up to ~1e-5.
+# So the GPU is held to 1e-5 (statistics: |Δ| ≤ tol·(1 + |value|), as the tests' atol = rtol) and to 1e-6 absolute
+# + (1e-5 + one ulp of the logits dtype) relative on the gradient.
+CHECK_TOL = {"cpu": dict(stat=1e-6, grad_abs=1e-6, grad_rel=1e-6), "cuda": dict(stat=1e-5, grad_abs=1e-6, grad_rel=1e-5)}
+ULP = {"torch.float32": 0.0, "torch.bfloat16": 2.0 ** -7, "torch.float16": 2.0 ** -10}
+
+
+def reference_gradient(torch, logits, targets, T, vocab, up_t, up_k, ids):
+    """∂/∂logits of Σ up_t·log π(y_t) + Σ_k up_k·log π(ids_k), π = softmax(logits[..., :vocab] / T) in fp32
+    (autograd; padding rows get 0): the gradient a correct backend must give for the ids it listed."""
+    x = logits.detach().float().requires_grad_()
+    logp = torch.log_softmax(x[..., :vocab] / T, dim=-1)
+    obj = (up_t * logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum() + (up_k * logp.gather(-1, ids)).sum()
+    (g,) = torch.autograd.grad(obj, x)
+    return g
+
+
+def check_verdict(torch, logits, targets, T, vocab, up_t, up_k, ref, cand, tol) -> dict:
+    """Tie-aware comparison of a candidate backend's (statistics, gradient) with the reference backend's, for the
+    objective Σ up_t·target_logprob + Σ up_k·topk_logprob (the rule of tests/loss_triton_worker.py's tie cases).
+
+    Top-K ids: equal logits may be listed in any order (bf16 logits tie often; CUDA's topk orders ties
+    arbitrarily), so a row passes when its ids are distinct real ids whose logits are, position by position,
+    exactly the logits at the reference's ids; statistics (top-K log-probs included) agree within
+    tol["stat"]·(1 + |value|). Gradient: at
+    rows where the ids agree, against the reference backend's; where tied ids were listed in another order,
+    against an fp32 autograd reference at the candidate's ids (a different id order moves up_k's weights).
+    Returns a row: max differences, rows with tied reordering, and "pass"."""
+    (st_r, g_r), (st, g) = ref, cand
+    K = st.topk_ids.shape[-1]
+    row = {"dtype": str(logits.dtype), "K": K, "T": T}
+
+    def excess(a, b):  # > 0 where |a − b| > stat·(1 + |b|): the tests' atol = rtol = stat rule
+        return ((a - b).abs() - tol["stat"] * (1 + b.abs())).max().item()
+
+    stats_ok = True
+    for f in ("target_logprob", "entropy", "topk_logprob"):
+        row[f] = (getattr(st, f) - getattr(st_r, f)).abs().max().item()
+        stats_ok &= excess(getattr(st, f), getattr(st_r, f)) <= 0
+    ids, ids_r = st.topk_ids, st_r.topk_ids
+    same = (ids == ids_r).all(-1)  # [B, L]
+    row["rows_ids_reordered_by_ties"] = int((~same).sum())
+    in_range = bool(((ids >= 0) & (ids < vocab)).all())
+    distinct = bool((ids.sort(-1).values.diff(dim=-1) != 0).all()) if K > 1 else True
+    # The logits at the listed ids must be the reference's top-K logits, position by position — exactly: both
+    # are the same input values, so a tied pair listed the other way round reads the same numbers.
+    row["topk_ids_valid"] = in_range and distinct and torch.equal(
+        logits.gather(-1, ids.clamp(0, vocab - 1)), logits.gather(-1, ids_r.clamp(0, vocab - 1)))
+    expected = torch.where(same.unsqueeze(-1), g_r.float(),
+                           reference_gradient(torch, logits, targets, T, vocab, up_t, up_k, ids).to(g.dtype).float())
+    diff = (g.float() - expected).abs()
+    rel = tol["grad_rel"] + ULP[str(logits.dtype)]
+    row["grad_max_abs_diff"] = diff.max().item()
+    row["grad_excess"] = (diff - tol["grad_abs"] - rel * expected.abs()).max().item()
+    row["padding_grad_zero"] = bool((g[..., vocab:] == 0).all())
+    row["pass"] = (stats_ok and row["topk_ids_valid"] and row["grad_excess"] <= 0 and row["padding_grad_zero"]
+                   and g.dtype == logits.dtype)
+    return row
+
+
+CHECK_CASES = (("bfloat16", 3, 0.6), ("float32", 8, 1.0), ("float16", 1, 1.3))
+
+
 def check(args) -> list:
-    """Compiled Triton vs the torch backend (CUDA): max |diff| per output and of the gradient, with the
-    tolerances of tests/loss_triton_worker.py (fp32 1e-6; gradient of bf16 logits: one bf16 ulp)."""
+    """Compiled (CUDA) or interpreted (CPU) Triton vs the torch backend: every output and the gradient, tie-aware
+    (check_verdict), with CHECK_TOL for the device. Shapes: N = min(--tokens, 1024) tokens over the first --vocab
+    width, the last V // 1000 + 1 columns padding rows with the largest logits; one case per dtype (--dtype: only
+    that one)."""
     sys.path.insert(0, REPO)
     import torch
 
     from megatron_simko.losses import token_statistics
 
     dev, out = torch.device(args.device), []
-    N, V = args.tokens // 8, args.vocabs[0] // 2  # CUDA defaults: 1024 tokens, 76032 rows
-    for dtype, K, T in ((torch.bfloat16, 3, 0.6), (torch.float32, 8, 1.0), (torch.float16, 1, 1.3)):
+    N, V = min(args.tokens, 1024), args.vocabs[0]
+    cases = [c for c in CHECK_CASES if args.check_dtype is None or c[0] == args.check_dtype]
+    for dtype_name, K, T in cases:
+        dtype = getattr(torch, dtype_name)
         logits, targets, *_ = make_inputs(torch, dev, dtype, N, V, 8, seed=1)
         vocab = V - V // 1000 - 1  # padding rows at the end, with the largest logits
         logits[..., vocab:] = 30.0
         targets = targets.clamp(max=vocab - 1)
-        up_t = torch.randn(targets.shape, device=dev)
-        up_k = torch.randn(*targets.shape, K, device=dev)
+        g = torch.Generator(device=dev).manual_seed(2)
+        up_t = torch.randn(targets.shape, device=dev, generator=g)
+        up_k = torch.randn(*targets.shape, K, device=dev, generator=g)
         res = {}
         for backend in ("torch", "triton"):
             x = logits.detach().requires_grad_()
             st = token_statistics(x, targets, K, temperature=T, vocab_size=vocab, backend=backend)
             ((up_t * st.target_logprob).sum() + (up_k * st.topk_logprob).sum()).backward()
             res[backend] = (st, x.grad)
-        (st_t, g_t), (st, g) = res["torch"], res["triton"]
-        row = {"dtype": str(dtype), "K": K, "T": T}
-        for f in ("target_logprob", "entropy", "topk_logprob"):
-            row[f] = (getattr(st, f) - getattr(st_t, f)).abs().max().item()
-        row["topk_ids_equal"] = bool(torch.equal(st.topk_ids, st_t.topk_ids))
-        rtol = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
-        excess = ((g.float() - g_t.float()).abs() - 1e-6 - rtol * g_t.float().abs()).max().item()
-        row["grad_max_abs_diff"] = (g.float() - g_t.float()).abs().max().item()
-        row["padding_grad_zero"] = bool((g[..., vocab:] == 0).all())
-        row["pass"] = (max(row[f] for f in ("target_logprob", "entropy", "topk_logprob")) <= 1e-5
-                       and row["topk_ids_equal"] and excess <= 0 and row["padding_grad_zero"]
-                       and g.dtype == logits.dtype)
-        out.append(row)
+        out.append(check_verdict(torch, logits, targets, T, vocab, up_t, up_k, res["torch"], res["triton"],
+                                 CHECK_TOL[dev.type]))
     return out
 
 
@@ -230,14 +293,14 @@ def sweep(args) -> list:
     return out
 
 
-def run_child(args, impl, vocabs=None):
+def run_child(args, impl, vocabs=None, env=None):
     """`impl` in a fresh process over `vocabs` (default all); a failure becomes a row saying so."""
     vocabs = vocabs or args.vocabs
     cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--device", args.device,
            "--tokens", str(args.tokens), "--vocab", ",".join(map(str, vocabs)), "--dtype", args.dtype,
            "--responses", str(args.responses), "--repeats", str(args.repeats), "--top-k", str(args.top_k),
-           "--chunk-tokens", str(args.chunk_tokens)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+           "--chunk-tokens", str(args.chunk_tokens)] + (["--check-dtype", args.check_dtype] if args.check_dtype else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         return [dict(impl=impl, V=V, ms=None, peak_gib=None, note=f"failed: {r.stderr.strip().splitlines()[-1:]}")
                 for V in vocabs]
@@ -256,12 +319,17 @@ def main():
     p.add_argument("--repeats", type=int, help="timed runs after one warm-up (default 3 CPU, 10 CUDA)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--chunk-tokens", type=int, default=2048)
-    p.add_argument("--check", action="store_true", help="CUDA: compiled Triton vs torch backend first")
+    p.add_argument("--check", action="store_true",
+                   help="Triton vs torch backend first (CUDA: compiled; CPU: Triton's interpreter, keep shapes "
+                        "small); tie-aware; exit 1 on a failure")
     p.add_argument("--sweep", action="store_true", help="CUDA: time the kernels per (tile, warps)")
     p.add_argument("--json", help="also write all results here")
     p.add_argument("--impl", choices=IMPLS + ("check", "sweep"), help=argparse.SUPPRESS)
+    p.add_argument("--check-dtype", help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device == "cuda"
+    if args.impl is None:  # --check runs the case of an explicitly given --dtype only (all three otherwise)
+        args.check_dtype = args.dtype
     args.tokens = args.tokens or (8192 if cuda else 2048)
     args.vocabs = [int(v) for v in (args.vocab or ("152064,76032,38016" if cuda else "32768")).split(",")]
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -284,10 +352,14 @@ def main():
         except ImportError:
             pass
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # CPU smoke runs of the Triton rows: no speed
-    if args.check and (cuda or interpreted):
-        result["check"] = run_child(args, "check")
+    failed = False
+    if args.check:  # CPU: the kernels run in Triton's interpreter (set for the check's process only)
+        result["check"] = run_child(args, "check", [args.vocabs[0]], env=None if cuda else {"TRITON_INTERPRET": "1"})
         for row in result["check"]:
             print("check", row)
+        failed = not result["check"] or not all(row.get("pass") for row in result["check"])
+        print(f"check: {'FAIL' if failed else 'PASS'} (tolerances: {CHECK_TOL[args.device]}, + one ulp of the "
+              f"logits dtype on the gradient; tied top-K ids may be listed in any order)")
     impls = [i for i in IMPLS if cuda or interpreted or not i.startswith("triton")]
     if cuda:  # one process per implementation; CPU: per (implementation, V), as ru_maxrss never decreases
         result["rows"] = [row for impl in impls for row in run_child(args, impl)]
@@ -301,6 +373,8 @@ def main():
         with open(args.json + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
+    if failed:
+        sys.exit(1)
 
 
 def print_tables(args, result):

@@ -99,6 +99,10 @@ class RolloutConfig:
     tensor_parallel: Optional[int] = None  # vLLM TP; default: the trainer's TP (transformers backend: 1)
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    # transformers backend (smoke scale): samples decoded together, and their KV cache at full length per rank
+    # (None: max_batch_rows only); a budget that cannot hold one group of n_samples rows is refused at start-up.
+    max_batch_rows: int = 256
+    kv_budget_gib: Optional[float] = None
     sync_bucket_mb: int = 256
     verify_sync_every: int = 1  # checksum-verify the weight sync every N steps (0: never)
     tis_cap: Optional[float] = None  # truncated importance sampling cap; None = off
@@ -126,6 +130,10 @@ class RolloutConfig:
                  f"evaluation (tools/eval_passk.py)")
         _require(self.max_prompt_length >= 1 and self.max_response_length >= 1, "rollout.max_*_length", "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.max_batch_rows >= self.n_samples, "rollout.max_batch_rows",
+                 f"must be >= n_samples={self.n_samples} (rows are decoded in whole prompt groups), "
+                 f"got {self.max_batch_rows}")
+        _require(self.kv_budget_gib is None or self.kv_budget_gib > 0, "rollout.kv_budget_gib", "must be > 0 or null")
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "must be > 0 or null")
         _require(self.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds",
                  f"must be >= 1 (generation rounds per step), got {self.dynamic_sampling_max_rounds}")

@@ -128,8 +128,15 @@ def token_metrics(stats, mask: torch.Tensor, group=None) -> Dict[str, float]:
     return out
 
 
+def reset_device_memory_peak(device: torch.device) -> None:
+    """Start a new peak for :func:`device_memory_metrics` (CUDA; the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def device_memory_metrics(device: torch.device) -> Dict[str, float]:
-    """Peak accelerator memory of this process so far (GiB), or the peak resident set size on the CPU."""
+    """Peak accelerator memory since the last :func:`reset_device_memory_peak` (the RL loop resets it at the start
+    of every step, so this is the step's peak; GiB), or the process's peak resident set size on the CPU."""
     if device.type == "cuda":
         return {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}

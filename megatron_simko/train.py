@@ -23,11 +23,12 @@ import torch
 
 from megatron_simko.cli import refuse_flags
 from megatron_simko.config import Config, ConfigError, config_to_dict, load_config, save_config
-from megatron_simko.models.gpt import ModelArch, arch_from_hf_config, padded_vocab_size, validate_parallelism
+from megatron_simko.models.gpt import ModelArch, arch_from_hf_config, validate_parallelism
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-DRY_RUN_ONLY = ("nodes", "gpus_per_node", "gpu_memory_gib", "skip_data")  # a real launch takes its layout from torchrun
+# flags of the dry run only (a real launch takes its layout from torchrun and its memory from the GPUs)
+DRY_RUN_ONLY = ("nodes", "gpus_per_node", "gpu_memory_gib", "te", "skip_data")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -38,10 +39,12 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--nodes", type=int, default=None, help="dry run: number of nodes (default: $NNODES or 1)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="dry run: GPUs per node (default: 8)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="dry run: memory per GPU")
+    p.add_argument("--te", choices=("auto", "yes", "no"), default="auto",
+                   help="dry run: Transformer Engine on the GPU nodes (fused attention); auto: probe this machine")
     p.add_argument("--skip-data", action="store_true",
                    help="dry run: do not read the datasets (by default every row is parsed and prompt lengths checked)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.alpha=0.02")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow key=value overrides
     if not args.dry_run:
         refuse_flags(p, args, DRY_RUN_ONLY, "applies to --dry-run only")
     return args
@@ -66,6 +69,11 @@ def check_parallel_config(cfg: Config, arch: ModelArch, world_size: int, on_this
                           f"the KV heads {arch.num_query_groups}")
     if on_this_machine and cfg.model.dtype == "bf16" and not torch.cuda.is_available():
         raise ConfigError("model.dtype=bf16 needs a GPU; use model.dtype=fp32 on CPU")
+    from megatron_simko.memory_estimate import configured_rollout_memory
+
+    problem = configured_rollout_memory(cfg, arch, 80.0).problem
+    if problem:
+        raise ConfigError(f"rollout: {problem}")
     return dp
 
 
@@ -74,57 +82,6 @@ def rollout_tensor_parallel(cfg: Config) -> int:
     if cfg.rollout.backend == "transformers":
         return 1
     return cfg.rollout.tensor_parallel or cfg.parallel.tensor_parallel
-
-
-def dry_run_data(cfg: Config) -> str:
-    """Read the datasets as the job would (every row parsed; prompt lengths checked when the tokenizer is at
-    hand): bad data fails here, before the job holds the cluster. Returns a one-line summary."""
-    from megatron_simko.data.tokenizer import load_tokenizer
-
-    path = cfg.model.tokenizer or cfg.model.hf_dir
-    has_tokenizer = path.endswith(".model") and os.path.isfile(path) or any(
-        os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    train, val = load_datasets(cfg, load_tokenizer(path) if has_tokenizer else None)
-    if len(train) < cfg.data.prompts_per_step:
-        raise ConfigError(f"data.train: {len(train)} usable prompts, fewer than data.prompts_per_step="
-                          f"{cfg.data.prompts_per_step}")
-    return (f"data OK: {len(train)} train prompts" + (f", {len(val)} validation prompts" if val is not None else "")
-            + ("" if has_tokenizer else f" (prompt lengths not checked: no tokenizer in {path})"))
-
-
-def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_memory_gib: float,
-            read_data: bool = True) -> int:
-    from megatron_simko.memory_estimate import estimate_memory, parameter_counts
-
-    world = nodes * gpus_per_node
-    dp = check_parallel_config(cfg, arch, world, on_this_machine=False)
-    tp, pp = cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel
-    counts = parameter_counts(arch, tp)
-    total = counts["embedding"] + counts["output"] + counts["layers"] + counts["final_norm"]
-    rollout_tp = rollout_tensor_parallel(cfg)
-    responses = cfg.data.prompts_per_step * cfg.rollout.n_samples
-    print(f"config OK: {arch.hf_architecture} ({total / 1e9:.2f} B parameters, vocab {arch.vocab_size} padded to "
-          f"{padded_vocab_size(arch.vocab_size, tp)})")
-    print(f"layout: {nodes} node(s) × {gpus_per_node} GPUs = {world} ranks = TP {tp} × PP {pp} × DP {dp}"
-          + (f" (virtual PP {cfg.parallel.virtual_pipeline_parallel})" if cfg.parallel.virtual_pipeline_parallel else ""))
-    print(f"rollout: {world // rollout_tp} {cfg.rollout.backend} replicas of TP {rollout_tp}, colocated"
-          + (" (sleep mode between phases)" if cfg.rollout.backend == "vllm" else " (a full model copy per rank)"))
-    print(f"per step: {cfg.data.prompts_per_step} prompts × n={cfg.rollout.n_samples} = {responses} responses; "
-          f"{cfg.data.prompts_per_step // cfg.train.mini_batch_size} optimizer step(s) × {cfg.train.ppo_epochs} "
-          f"epoch(s); {cfg.data.prompts_per_step // dp} prompts per DP rank")
-    print(f"loss: {cfg.loss}")
-    try:
-        print(dry_run_data(cfg) if read_data else "data: not read (--skip-data)")
-    except FileNotFoundError as exc:  # the data usually lives on the cluster, not where the dry run is tried
-        raise FileNotFoundError(f"{exc}; pass --skip-data to check the layout and memory without "
-                                "the data") from None
-    est = estimate_memory(arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
-                          cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib)
-    print("per-GPU memory estimate (megatron_simko/memory_estimate.py states the assumptions):")
-    print(est.table(gpu_memory_gib))
-    fits = max(est.train_phase, est.rollout_phase) <= gpu_memory_gib * 1024**3
-    print("fits" if fits else "WARNING: the estimate exceeds the GPU memory; raise TP/PP or lower micro_batch_tokens")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------- the trainer
@@ -204,6 +161,10 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     layout = initialize_parallel(par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline_parallel,
                                  seed=cfg.train.seed)
     log(f"layout: world {layout.world_size} = TP {layout.tp} × PP {layout.pp} × DP {layout.dp} on {layout.device}")
+    from megatron_simko.losses.triton_kernels import resolve_backend
+
+    log(f"loss backend: {resolve_backend(cfg.loss.backend, layout.device, cfg.loss.top_k)} "
+        f"(loss.backend={cfg.loss.backend})")
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.hf_dir)
     if tokenizer.vocab_size > arch.vocab_size:
@@ -227,7 +188,8 @@ def setup(cfg: Config, arch: ModelArch) -> Components:
     r = cfg.rollout
     engine = build_engine(r.backend, cfg.model.hf_dir, dtype=dtype, device=layout.device, seed=cfg.train.seed,
                           max_model_len=r.max_prompt_length + r.max_response_length, tensor_parallel=r.tensor_parallel,
-                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.kv_cache_gib)
+                          gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.kv_cache_gib,
+                          max_batch_rows=r.max_batch_rows, kv_budget_gib=r.kv_budget_gib)
     stop_ids = stop_token_ids(tokenizer, cfg.model.hf_dir, r.stop_token_ids)
     log(f"rollout: {r.backend} engine; responses end at token ids {list(stop_ids)}")
     updates_per_step = (cfg.data.prompts_per_step // cfg.train.mini_batch_size) * cfg.train.ppo_epochs
@@ -291,8 +253,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
 
     from megatron_simko.advantages import minibatches_with_signal
     from megatron_simko.experience import build_experience, rollout_metrics
-    from megatron_simko.metrics import device_memory_metrics, token_metrics
     from megatron_simko.losses.schedule import in_grpo_warmup, loss_config_at_step
+    from megatron_simko.metrics import device_memory_metrics, reset_device_memory_peak, token_metrics
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
     from megatron_simko.rollout.dynamic_sampling import collect_step_rollouts
     from megatron_simko.rollout.sharding import RolloutLayout
@@ -302,6 +264,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     cfg, L = c.cfg, c.layout
     n = cfg.rollout.n_samples
     times: Dict[str, float] = {}
+    reset_device_memory_peak(L.device)  # memory/peak_*: this step's peak, not the run's
     t = time.perf_counter()
 
     # 1. rollout + rewards: the global prompt batch, n samples each, sharded over rollout replicas, gathered to
@@ -374,7 +337,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     times["time/train"] = time.perf_counter() - t
     t = time.perf_counter()
 
-    # 5. weight sync into the engine (checksum-verified every rollout.verify_sync_every steps).
+    # 5. weight sync into the engine (checksum-verified every rollout.verify_sync_every steps). Each wake-up
+    # first hands PyTorch's cached training peak back (gc.collect + empty_cache, inside resume_memory).
     c.engine.resume_memory(("weights",))
     report = c.sync.sync()
     c.engine.resume_memory(("kv_cache",))
@@ -479,9 +443,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides).validate()
         arch = arch_from_hf_config(cfg.model.hf_dir)
         if args.dry_run:
+            from megatron_simko.dry_run import dry_run
+
             nodes = args.nodes or int(os.environ.get("NNODES", "1"))
-            return dry_run(cfg, arch, nodes, args.gpus_per_node or 8, args.gpu_memory_gib, not args.skip_data)
+            return dry_run(cfg, arch, nodes, args.gpus_per_node or 8, args.gpu_memory_gib, not args.skip_data, args.te)
         check_parallel_config(cfg, arch, int(os.environ.get("WORLD_SIZE", "1")))
+        from megatron_simko.versions import require_supported_versions
+
+        require_supported_versions(vllm=cfg.rollout.backend == "vllm")  # one line, before any process group
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

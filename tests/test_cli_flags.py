@@ -46,6 +46,7 @@ def test_an_abbreviated_flag_is_an_error(capsys):
     (["--config", "x.yaml", "--skip-data"], "error: --skip-data applies to --dry-run only"),
     (["--config", "x.yaml", "--nodes", "4"], "error: --nodes applies to --dry-run only"),
     (["--config", "x.yaml", "--gpu-memory-gib", "40"], "error: --gpu-memory-gib applies to --dry-run only"),
+    (["--config", "x.yaml", "--te", "no"], "error: --te applies to --dry-run only"),
 ])
 def test_train_refuses_dry_run_flags_without_dry_run(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -34,6 +34,39 @@ def test_cpu_mode_passes_every_check(tmp_path):
     assert proc.returncode == 0, out[-6000:]
     assert "== gpu_smoke (cpu): passed" in out and "[FAIL]" not in out
     for needle in ("rollout s", "tokens/s", "peak GiB", "|Δlogp| mean", "resumes from step 2",
-                   "offline export == live export"):
+                   "offline export == live export", "== pre-flight: torch", "loss backend", "[train_1]",
+                   "prompts of different lengths", "summary.json"):
         assert needle in out, needle
     print(out[out.index("== per step"):])
+
+
+def test_a_hung_stage_is_killed_at_its_limit_and_its_output_streamed(tmp_path, capsys):
+    """Per-stage limits: the stage's whole process group is killed (exit 124), what it printed before is both
+    streamed to stdout as it came and kept in its log; an in-process stage raises StageTimeout."""
+    import time
+
+    log = tmp_path / "hang.log"
+    code = "import subprocess, sys, time; print('started', flush=True); " \
+           "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    t0 = time.perf_counter()
+    rc, seconds, out = gpu_smoke.run([sys.executable, "-c", code], str(log), timeout=3)
+    assert rc == 124 and seconds < 20 and time.perf_counter() - t0 < 20
+    assert "started" in log.read_text() and "killed after its 3 s stage limit" in out
+    assert "[hang] started" in capsys.readouterr().out
+    with pytest.raises(gpu_smoke.StageTimeout):
+        gpu_smoke.in_process(1, time.sleep, 5)
+
+
+def test_summary_is_written_under_out(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("OUT", str(tmp_path / "device_out"))
+    paths = gpu_smoke.write_summary(str(tmp_path / "smoke"), {"passed": True, "checks": []})
+    assert paths == [str(tmp_path / "smoke" / "summary.json"), str(tmp_path / "device_out" / "gpu_smoke_summary.json")]
+    assert all(json.load(open(p))["passed"] for p in paths)
+
+
+def test_preflight_reports_versions_and_prompts_vary_in_length():
+    versions, missing = gpu_smoke.preflight()
+    assert not missing and versions["torch"] and versions["megatron.core"] and versions["math_verify"]
+    assert len({len(r["prompt"]) for r in gpu_smoke.sum_examples(16, 0)}) > 1

@@ -79,6 +79,36 @@ def test_kernels_compile_for_hopper():
 
 
 @needs_triton
+def test_logits_loads_are_128_bit_when_the_padded_width_is_a_multiple_of_16():
+    """Issue 20 item 8: loads are masked on the logits' (padded) width n_cols, not on the real width n_real.
+    Triton specialises integer arguments divisible by 16; with Megatron's padded vocabulary n_cols is, while
+    n_real (the last TP shard's real rows, or 4099) is not. Compiled for sm_90 as Triton specialises at launch
+    (pointers, row strides and n_cols divisible by 16; n_real not): the PTX must load the logits with 128-bit
+    vector loads (ld.global.v4) in both kernels, and the backward must store the gradient the same way."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if tk.interpreted():
+        pytest.skip("the kernels were decorated for the interpreter in this process")
+    ptr = dict(row_stride="i64", grad_row_stride="i64", n_real="i32", n_cols="i32", start="i32", inv_t="fp32",
+               logits_ptr="*bf16", grad_ptr="*bf16", targets_ptr="*i64", ids_ptr="*i64", partials_ptr="*fp64")
+    aligned = ("logits_ptr", "grad_ptr", "row_stride", "grad_row_stride", "n_cols")
+    cases = [(tk._local_partials_kernel, dict(K=3, KP=4, BLOCK=tk.MAX_BLOCK), "ld"),
+             (tk._softmax_gradient_kernel, dict(M=4, MP=4, HAS_ENTROPY=False, BLOCK=tk.MAX_BLOCK), "st")]
+    for kernel, constexprs, also in cases:
+        names = list(inspect.signature(kernel.fn).parameters)
+        signature = {n: "constexpr" if n in constexprs else ptr.get(n, "*fp32") for n in names}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names}
+        ptx = tk.triton.compile(ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8)).asm["ptx"]
+        assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{kernel.fn.__name__}: no 128-bit logits load"
+        if also == "st":
+            assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{kernel.fn.__name__}: no 128-bit gradient store"
+
+
+@needs_triton
 @pytest.mark.slow
 def test_parallel_equivalence_tool_with_triton_backend(tmp_path, monkeypatch):
     """tools/check_parallel_equivalence.py --loss backend=triton (interpreted; with an entropy bonus): TP2×PP2 ≡ one device."""

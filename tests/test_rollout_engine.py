@@ -192,3 +192,28 @@ def test_vllm_failure_is_wrapped_with_context(tmp_path, model_dir):
     with pytest.raises(EngineBuildError, match=r"vLLM failed to build an engine for .*bad"):
         VLLMRolloutEngine(VLLMEngineConfig(model_dir=str(bad), dtype="float32", max_model_len=256))
 
+
+
+def test_allocator_cache_is_released_before_every_wake_up(engine):
+    """Issue 20 item 1: after training, PyTorch's cache still holds the training peak; vLLM's wake-up allocates
+    outside it. The engine's GPU sleep path runs here for real — vLLM's CPU worker turns sleep / wake_up into
+    logged no-ops, but the executor's sleeping tags are tracked as on a GPU — and a recorder in place of the
+    engine's ``release_allocator_cache`` seam notes which tags are still asleep each time the cache is released."""
+    executor = engine.llm.llm_engine.engine_core.engine_core.model_executor
+    calls = []
+    saved = engine.sleep_enabled, engine.release_allocator_cache
+    engine.sleep_enabled = True  # the GPU path (vLLM's own sleep / wake_up calls), exercised on CPU
+    engine.release_allocator_cache = lambda: calls.append(sorted(executor.sleeping_tags))
+    try:
+        engine.release_memory()
+        assert engine._asleep == {"weights", "kv_cache"} and executor.is_sleeping
+        engine.resume_memory(("weights",))  # the loop's order: weights (for the sync), then the KV cache
+        engine.resume_memory(("kv_cache",))
+        engine.resume_memory()  # nothing asleep: no wake-up, no release
+    finally:
+        engine.sleep_enabled, engine.release_allocator_cache = saved
+    # Released once per wake-up, each time while the tag being woken was still asleep (i.e. before wake_up).
+    assert calls == [["kv_cache", "weights"], ["kv_cache"]]
+    assert not executor.is_sleeping and not engine._asleep
+    out = engine.generate(PROMPTS[:1], 1, SamplingConfig(max_tokens=4, seed=1, ignore_eos=True))  # awake, usable
+    assert len(out[0].samples[0].token_ids) == 4

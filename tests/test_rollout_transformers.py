@@ -91,6 +91,28 @@ def test_seeds_do_not_depend_on_the_batch(model_dir, engine):
     assert [[s.token_ids for s in r.samples] for r in other_step] != [[s.token_ids for s in r.samples] for r in full]
 
 
+def test_kv_budget_decodes_whole_groups_and_refuses_what_it_cannot_hold(model_dir, engine):
+    """rollout.kv_budget_gib: chunks of whole prompt groups sized by the KV cache at full length (the samples do
+    not change), and a budget below one group of n rows is refused with one line. The per-token KV size the
+    budget uses is the size of a real prefill cache."""
+    params = SamplingConfig(temperature=1.0, max_tokens=10, seed=11, ignore_eos=True)
+    with torch.no_grad():
+        cache = engine.model(input_ids=torch.tensor([PROMPTS[2]]), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert held == engine.kv_bytes_per_token * len(PROMPTS[2])
+    per_row = engine.kv_bytes_per_token * (max(len(p) for p in PROMPTS) + params.max_tokens)
+    full = engine.generate(PROMPTS, 3, params, step=4)
+    one_group = TransformersRolloutEngine(TransformersEngineConfig(
+        model_dir=model_dir, device="cpu", kv_budget_gib=(3 * per_row + per_row // 2) / 2**30))  # 3 rows fit
+    assert [[s.token_ids for s in r.samples] for r in one_group.generate(PROMPTS, 3, params, step=4)] == \
+        [[s.token_ids for s in r.samples] for r in full]
+    too_small = TransformersRolloutEngine(TransformersEngineConfig(
+        model_dir=model_dir, device="cpu", kv_budget_gib=2 * per_row / 2**30))
+    with pytest.raises(ValueError, match="cannot hold one prompt group: n_samples=3") as info:
+        too_small.generate(PROMPTS, 3, params, step=4)
+    assert "\n" not in str(info.value)
+
+
 def test_stop_tokens_end_the_response_and_are_kept(engine):
     params = SamplingConfig(temperature=1.0, max_tokens=12, seed=5, ignore_eos=True)
     first = engine.generate(PROMPTS[:1], 1, params)[0].samples[0]

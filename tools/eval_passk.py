@@ -135,10 +135,13 @@ def main(argv=None) -> int:
         refuse_flags(ap, args, ("out",), "applies to --results only; with --model, results go to --out-dir")
     from megatron_simko.eval.evaluate import EvalError
     from megatron_simko.rollout.vllm_engine import EngineBuildError
+    from megatron_simko.versions import VersionError, require_supported_versions
 
     try:
+        if not args.results:  # sampling needs vLLM and transformers at the supported versions
+            require_supported_versions(vllm=True)
         return from_results(args) if args.results else from_models(args)
-    except (EvalError, EngineBuildError) as e:  # bad input: one line, exit 2, nothing written
+    except (EvalError, EngineBuildError, VersionError) as e:  # bad input: one line, exit 2, nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2
 

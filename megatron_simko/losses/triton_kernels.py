@@ -18,6 +18,11 @@ this rank's real rows j < n_real, global id = start + j):
                      = −π_j (log π_j + H)) only when a per-token g_H is given (a constexpr: no cost otherwise);
                      padding rows (ids ≥ vocab_size) get 0.
 
+Loads are masked on the logits' full (padded) width, not on n_real, and padding columns are set after the
+load (−inf forward, gradient 0 backward): Triton specialises integer arguments divisible by 16, so with
+Megatron's padded vocabulary (a multiple of 128·TP) the mask keeps 128-bit vector loads; a mask on n_real
+(4099, or the last TP shard's real width) would fall back to scalar loads.
+
 Memory: O(N·K) beyond the logits and the gradient; no fp32 copy of the logits, no [N, V] temporary (fp32
 math happens tile by tile in registers). The logits are only read. Ties in the top-K: lower id first.
 Logits are assumed finite (a −inf logit never enters the top-K here; the torch path would list it).
@@ -77,7 +82,7 @@ def resolve_backend(backend: str, device: torch.device, top_k: int) -> str:
 
 
 @_jit
-def _local_partials_kernel(logits_ptr, row_stride, targets_ptr, partials_ptr, n_real, start, inv_t,
+def _local_partials_kernel(logits_ptr, row_stride, targets_ptr, partials_ptr, n_cols, n_real, start, inv_t,
                            K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     """partials[row] = (K values of z, K global ids, S_r, E_r, target z) — see local_partials."""
     row = tl.program_id(0).to(tl.int64)
@@ -94,7 +99,10 @@ def _local_partials_kernel(logits_ptr, row_stride, targets_ptr, partials_ptr, n_
     for c0 in range(0, n_real, BLOCK):
         c = c0 + cols
         valid = c < n_real
-        x = tl.load(row_ptr + c, mask=valid, other=float("-inf")).to(tl.float32)  # [BLOCK]
+        # Load on the padded width (n_cols, a multiple of 16 for Megatron's padded vocabulary: 128-bit loads),
+        # then −inf on the padding columns j ≥ n_real.
+        x = tl.load(row_ptr + c, mask=c < n_cols, other=float("-inf")).to(tl.float32)  # [BLOCK]
+        x = tl.where(valid, x, float("-inf"))
         tile_max = tl.max(x, axis=0)
         # Online softmax: rescale the accumulators to the new max m' (d = m − m' ≤ 0).
         m_new = tl.maximum(m, tile_max * inv_t)
@@ -160,7 +168,7 @@ def _softmax_gradient_kernel(logits_ptr, row_stride, grad_ptr, grad_row_stride, 
     for c0 in range(0, n_cols, BLOCK):
         c = c0 + cols
         real = c < n_real
-        x = tl.load(row_ptr + c, mask=real, other=0.0).to(tl.float32)
+        x = tl.load(row_ptr + c, mask=c < n_cols, other=0.0).to(tl.float32)  # padded width: vector loads
         log_p = tl.fma(x, inv_t, -lse)  # z − lse, one rounding (as torch.add(alpha=))
         p = tl.exp(log_p)
         hit = tl.sum(tl.where(c[:, None] == local[None, :], beta_owned[None, :], 0.0), axis=1)  # Σ owned β at j
@@ -210,7 +218,7 @@ def local_partials(x: torch.Tensor, targets: torch.Tensor, top_k: int, shard, in
     if N == 0:
         return partials
     BLOCK, warps = _launch_shape(shard.n_real, block, num_warps)
-    _local_partials_kernel[(N,)](x, x.stride(0), targets.contiguous(), partials, shard.n_real, shard.start,
+    _local_partials_kernel[(N,)](x, x.stride(0), targets.contiguous(), partials, x.shape[1], shard.n_real, shard.start,
                                  float(inv_t), K=top_k, KP=_pow2_at_least(top_k), BLOCK=BLOCK, num_warps=warps)
     return partials
 

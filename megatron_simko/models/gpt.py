@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -147,14 +148,32 @@ def validate_parallelism(arch: ModelArch, tensor_parallel: int, pipeline_paralle
         )
 
 
-def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
+def transformer_engine_status() -> Tuple[bool, str]:
+    """Whether Transformer Engine's PyTorch API is usable, and why not: (ok, reason).
+
+    Importing the top-level ``transformer_engine`` is not enough: a TE built against another torch imports,
+    then fails when its ``pytorch`` extension loads (inside the layer spec, mid-build). So the probe loads
+    ``transformer_engine.pytorch`` and touches the classes megatron-core's TE spec instantiates."""
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
+        import transformer_engine.pytorch as te
+
+        for name in ("Linear", "LayerNormLinear", "DotProductAttention"):
+            getattr(te, name)
+    except Exception as e:  # ImportError, OSError (undefined symbol), AttributeError, RuntimeError ...
+        return False, f"transformer_engine.pytorch is not usable ({type(e).__name__}: {e})"
+    return True, "transformer_engine.pytorch imports"
+
+
+def transformer_engine_available(require_cuda: bool = True) -> bool:
+    """TE's spec is used only on a GPU with a working ``transformer_engine.pytorch``; otherwise the local spec,
+    with a warning when a GPU is present (the local attention materialises [b, heads, s, s] scores)."""
+    if require_cuda and not torch.cuda.is_available():
         return False
-    return True
+    ok, reason = transformer_engine_status()
+    if not ok:
+        warnings.warn(f"{reason}: using megatron-core's local layer spec (unfused attention: more memory, see "
+                      f"memory_estimate.py)", stacklevel=2)
+    return ok
 
 
 def layer_spec(arch: ModelArch, use_transformer_engine: Optional[bool] = None):

@@ -18,6 +18,7 @@ expected device meta"), so a forgotten move fails there instead of on the first 
 """
 from __future__ import annotations
 
+import gc
 from typing import Optional
 
 import torch
@@ -31,6 +32,16 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 def trainer_device() -> torch.device:
     """This rank's GPU (torchrun sets it from LOCAL_RANK), or the CPU without one."""
     return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+
+
+def release_allocator_cache() -> None:
+    """Return PyTorch's cached device blocks to the driver: ``gc.collect()`` (drops unreachable tensors still
+    holding blocks) then ``torch.cuda.empty_cache()``. The caching allocator keeps the training phase's peak
+    reserved after the tensors die; a colocated engine that allocates outside it (vLLM's sleep-mode wake-up,
+    its KV cache) cannot get that memory until it is released. No-op for the device cache on CPU."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def collective_device(group=None) -> torch.device:

@@ -12,7 +12,8 @@ BACKENDS = ("vllm", "transformers")
 
 def build_engine(backend: str, model_dir: str, *, dtype: torch.dtype, device: torch.device, seed: int,
                  max_model_len: Optional[int] = None, tensor_parallel: Optional[int] = None,
-                 gpu_memory_utilization: float = 0.5, cpu_kv_cache_gib: int = 1) -> RolloutEngine:
+                 gpu_memory_utilization: float = 0.5, cpu_kv_cache_gib: int = 1, max_batch_rows: int = 256,
+                 kv_budget_gib: Optional[float] = None) -> RolloutEngine:
     """This rank's rollout engine, holding ``model_dir``'s weights in ``dtype`` (the trainer's).
 
     vllm: one vLLM worker per rank (``tensor_parallel`` consecutive ranks per replica; None = the trainer's
@@ -33,5 +34,6 @@ def build_engine(backend: str, model_dir: str, *, dtype: torch.dtype, device: to
         if tensor_parallel not in (None, 1):
             raise ValueError(f"the transformers backend runs at tensor_parallel 1, got {tensor_parallel}")
         return TransformersRolloutEngine(TransformersEngineConfig(
-            model_dir=model_dir, dtype=dtype_name, device=str(device), max_model_len=max_model_len))
+            model_dir=model_dir, dtype=dtype_name, device=str(device), max_model_len=max_model_len,
+            max_batch_rows=max_batch_rows, kv_budget_gib=kv_budget_gib))
     raise ValueError(f"unknown rollout backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -22,8 +22,14 @@ Decoding. Prompts are left-padded and prefilled once (positions from the attenti
 nothing but round-off); the prompt's KV cache is repeated for its ``n`` samples
 (``DynamicCache.batch_repeat_interleave``); then one token per step for all unfinished rows, finished rows
 dropped from the cache (``batch_select_indices``). Sampling is inverse-CDF on the float64 cumulative
-distribution over the vocabulary with the row's next uniform. At most ``max_batch_rows`` samples are decoded
-together (whole prompt groups).
+distribution over the vocabulary with the row's next uniform.
+
+Scale: a smoke-scale backend. Samples are decoded in chunks of whole prompt groups, at most ``max_batch_rows``
+rows and at most what ``kv_budget_gib`` holds at full length (prompt + max_tokens, :func:`decode_rows`); a
+budget that cannot hold one group of ``n`` rows is refused. transformers' ``DynamicCache`` grows by
+concatenation, so every decoding step copies the chunk's cache (O(length²) copies per chunk: time, not
+memory — the chunk's peak stays its full-length cache plus one layer); the model copy stays resident through
+training. For 7B-scale rollouts use vLLM (``train --dry-run`` prints what each backend needs).
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ class TransformersEngineConfig:
     device: Optional[str] = None  # None: this rank's GPU if there is one, else the CPU
     max_model_len: Optional[int] = None  # prompt + response tokens; None: the model's max_position_embeddings
     max_batch_rows: int = 256  # samples decoded together (KV-cache memory ∝ rows × length)
+    kv_budget_gib: Optional[float] = None  # KV cache per chunk at full length; None: max_batch_rows only
     attn_implementation: str = "sdpa"  # transformers attention kernel ("sdpa" | "eager")
 
     def __post_init__(self):
@@ -66,6 +73,27 @@ class TransformersEngineConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be >= 1, got {self.max_batch_rows}")
+        if self.kv_budget_gib is not None and self.kv_budget_gib <= 0:
+            raise ValueError(f"kv_budget_gib must be > 0 (or None), got {self.kv_budget_gib}")
+
+
+def decode_rows(max_batch_rows: int, n: int, kv_bytes_per_row: float,
+                kv_budget_bytes: Optional[float] = None) -> Tuple[int, str]:
+    """Samples decoded together: whole prompt groups of ``n`` rows, at most ``max_batch_rows`` and at most
+    ``kv_budget_bytes`` of KV cache at ``kv_bytes_per_row`` each. Returns (rows, problem); problem is a
+    one-line reason (and rows = n, what one group needs) when not even one group fits."""
+    cap = max_batch_rows
+    if kv_budget_bytes is not None:
+        cap = min(cap, int(kv_budget_bytes // max(kv_bytes_per_row, 1)))
+    rows = cap // n * n
+    if rows >= n:
+        return rows, ""
+    gib = kv_bytes_per_row / 2**30
+    return n, (f"the transformers rollout backend cannot hold one prompt group: n_samples={n} rows of "
+               f"{gib:.3g} GiB KV cache each (prompt + response at full length) exceed "
+               + (f"rollout.kv_budget_gib={kv_budget_bytes / 2**30:.3g}" if cap < max_batch_rows
+                  else f"rollout.max_batch_rows={max_batch_rows}")
+               + "; raise it, shorten rollout.max_*_length, or use rollout.backend=vllm")
 
 
 def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, params: SamplingConfig) -> Tuple[torch.Tensor,
@@ -116,6 +144,11 @@ class TransformersRolloutEngine(RolloutEngine):
         self.model_dtype = _DTYPES[config.dtype]
         self.eos_token_ids = model_eos_token_ids(config.model_dir)
         self.max_model_len = config.max_model_len or int(cfg.get("max_position_embeddings") or 1 << 30)
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+        kv_heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        # K and V of every layer, per token of one sequence, in the weights' dtype.
+        self.kv_bytes_per_token = (2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim
+                                   * torch.empty((), dtype=self.model_dtype).element_size())
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=self.model_dtype,
                                                      attn_implementation=config.attn_implementation)
@@ -139,7 +172,12 @@ class TransformersRolloutEngine(RolloutEngine):
                 raise ValueError(f"prompt {prompt_offset + i} has {len(ids)} tokens, not less than max_model_len="
                                  f"{self.max_model_len}")
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        per_chunk = max(1, self.config.max_batch_rows // n)  # prompts decoded together
+        longest = min(self.max_model_len, max(len(p) for p in prompts) + params.max_tokens) if prompts else 0
+        budget = None if self.config.kv_budget_gib is None else self.config.kv_budget_gib * 2**30
+        rows, problem = decode_rows(self.config.max_batch_rows, n, self.kv_bytes_per_token * longest, budget)
+        if problem:
+            raise ValueError(problem)
+        per_chunk = rows // n  # prompts decoded together
         results = []
         for lo in range(0, len(prompts), per_chunk):
             chunk = prompts[lo:lo + per_chunk]

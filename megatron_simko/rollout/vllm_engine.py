@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_simko.parallel.devices import release_allocator_cache
 from megatron_simko.rollout import cpu_shm
 from megatron_simko.rollout.base import (
     RolloutEngine,
@@ -168,6 +169,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.sleep_enabled = config.enable_sleep_mode and not self.on_cpu
         self._asleep: set = set()  # vLLM sleep-mode tags currently released ("weights", "kv_cache")
         self._noted_cpu_sleep = False
+        # Called before every wake-up (weights or KV cache): frees PyTorch's cached training peak so vLLM's
+        # allocations can get it. An attribute so a test can record when it runs relative to the wake-up.
+        self.release_allocator_cache = release_allocator_cache
         self.llm = self._build(cfg)
         self.model_dtype = self._query_dtype()
 
@@ -389,13 +393,18 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def resume_memory(self, tags: Optional[Sequence[str]] = None) -> None:
         """Wake what is asleep (``tags`` ⊆ {"weights", "kv_cache"}; default all). update_weights() wakes
-        "weights" by itself, so the loop is: release → train → sync → resume → generate."""
+        "weights" by itself, so the loop is: release → train → sync → resume → generate.
+
+        Before each wake-up, PyTorch's allocator cache is released (``gc.collect(); torch.cuda.empty_cache()``):
+        after training it still holds the training peak (tens of GiB at 7B), which vLLM's wake-up — allocating
+        through its own cumem pool, outside PyTorch's cache — could otherwise not get."""
         if not self.sleep_enabled:
             self._note_no_sleep("resume_memory")
             return
         wanted = set(tags) if tags is not None else set(self._asleep)
         wake = sorted(wanted & self._asleep)
         if wake:
+            self.release_allocator_cache()
             self.llm.wake_up(tags=wake)
             self._asleep -= set(wake)
 
