@@ -15,8 +15,11 @@ the GLOBAL batch — all micro-batches on all data-parallel ranks — not a mean
    schedule's token count a second time.
 The gradient after the step is therefore ∇L exactly (verified against one device by the DP2 equivalence test).
 
-Alignment: ``logits[:, :-1]`` (positions 0..s−2) predict ``tokens[:, 1:]``; the per-token batch tensors are
-aligned with tokens (batch.py), so they are sliced ``[:, 1:]`` too.
+Alignment: position t of the logits predicts token t + 1. The logits stay whole ([b, s, V/TP], a view all the way
+into the loss) and the targets move instead: the per-token batch tensors (aligned with tokens, batch.py) are
+shifted left by one (``_shifted``) and the last position, which predicts nothing, is masked out. Slicing the logits
+(``logits[:, :-1]``) would copy them for b > 1 (the slice is not a view of a [b·(s−1), V] matrix) and make autograd
+allocate a zero [b, s, V] gradient to copy into (issue 20 item 7; benchmarks/loss_memory_bench.py measures it).
 
 KL-Cov / Clip-Cov (losses/covariance.py) choose tokens by statistics of a population. Here the population is the
 optimizer mini-batch — every micro-batch on every DP rank — so the choice does not depend on the micro-batch split
@@ -123,14 +126,20 @@ def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only:
         )
 
 
+def shift_left(t: torch.Tensor, fill) -> torch.Tensor:
+    """[b, s, ...] → [b, s, ...]: out[:, i] = t[:, i + 1], the last position filled with ``fill``."""
+    return torch.cat([t[:, 1:], t.new_full((t.shape[0], 1) + tuple(t.shape[2:]), fill)], dim=1)
+
+
 def _shifted(mb: RLBatch, device):
-    """Targets and per-token tensors for logits[:, :-1]: index t of the batch ↔ position t − 1."""
+    """Targets and per-token tensors for the whole logits [b, s, V/TP]: position t ↔ index t + 1 of the batch.
+    The last position has no target: masked out (target id 0, old log-prob 0, not selected)."""
     advantages = mb.advantages.to(device)
     if advantages.dim() == 2:
-        advantages = advantages[:, 1:]
-    cov_select = mb.cov_select.to(device)[:, 1:] if mb.cov_select is not None else None
-    return (mb.tokens.to(device)[:, 1:], mb.old_logprob.to(device)[:, 1:], advantages,
-            mb.loss_mask.to(device)[:, 1:], cov_select)
+        advantages = shift_left(advantages, 0.0)
+    cov_select = shift_left(mb.cov_select.to(device), False) if mb.cov_select is not None else None
+    return (shift_left(mb.tokens.to(device), 0), shift_left(mb.old_logprob.to(device), 0.0), advantages,
+            shift_left(mb.loss_mask.to(device), False), cov_select)
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -178,7 +187,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
 
     def loss_func(mb: RLBatch, logits: torch.Tensor):
         targets, old_logprob, advantages, mask, cov_select = _shifted(mb, logits.device)
-        loss, metrics = simko_loss(logits[:, :-1], targets, old_logprob, advantages, mask, loss_cfg,
+        loss, metrics = simko_loss(logits, targets, old_logprob, advantages, mask, loss_cfg,
                                    tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
                                    token_normalizer=normalizer, cov_selected=cov_select)
         count = torch.tensor(int(metrics["num_tokens"]), dtype=torch.int, device=logits.device)
@@ -271,11 +280,12 @@ def _forward_only_token_stats(model_chunks, microbatches: List[RLBatch], top_k: 
 
     def stats_func(mb: RLBatch, logits: torch.Tensor, non_loss_data: bool = True):
         b, s = mb.tokens.shape
-        targets = mb.tokens.to(logits.device)[:, 1:]
-        valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
-        st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
+        targets = shift_left(mb.tokens.to(logits.device), 0)  # [b, s]: position t predicts token t + 1
+        valid = torch.arange(1, s + 1, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s]
+        st = token_statistics(logits, targets, top_k, tp_group=tp_group, temperature=temperature,
                               vocab_size=vocab_size, mask=valid, backend=backend)
-        return mb, valid, st
+        # the statistics of positions 0..s−2 (small [b, s(, K)] tensors; the last position predicts nothing)
+        return mb, valid[:, :-1], type(st)(*(t[:, :-1] for t in st))
 
     for chunk in model_chunks:
         chunk.eval()
