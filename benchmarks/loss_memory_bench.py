@@ -2,19 +2,25 @@
 
     python benchmarks/loss_memory_bench.py                  # CPU: N=4096 (8 × 512), H=512, V=32768, fp32, TP 1 and 2
     python benchmarks/loss_memory_bench.py --tp 1 --paths sliced whole --tokens 1024   # a quick look
+    python benchmarks/loss_memory_bench.py --device cuda --dtype bfloat16 --tokens 8192 --hidden 3584 \
+        --vocab 152064 --tp 1 --paths whole fused         # the 7B shape on one GPU, with the four-GEMM bound
 
 Paths (forward + backward of logits = h Wᵀ and simko_loss, down to the gradients of h [b, s, H] and of this
 rank's weight shard W [V/TP, H]):
   sliced   simko_loss(logits[:, :-1], tokens[:, 1:]): the trainer before issue 20 item 7. For b > 1 the slice
            is not a view of a [b·(s−1), V] matrix, so the loss copies it, and autograd allocates a zero
            [b, s, V] gradient to copy the sliced gradient into
-  whole    simko_loss(logits, targets shifted left, the last position masked): the trainer now (trainer/step.py)
+  whole    simko_loss(logits, targets shifted left, the last position masked): the trainer's logits path
+  fused    simko_loss(stats=linear_token_statistics(h, W)): the statistics straight from the hidden states,
+           streamed in --fused-chunk-tokens chunks, no [N, V/TP] logits (losses/fused_linear.py, issue 21)
 
 Every (path, TP) runs in its own process (TP 2: a torchrun of 2 gloo ranks, each holding V/2 rows; the figures
 are the larger of the two ranks), so that each peak is its own. extra MiB = peak resident memory during the
 runs − resident memory after building the inputs (CPU: ru_maxrss − RSS; CUDA: max_memory_allocated −
 memory_allocated), the returned gradients included; ms = median wall time of one forward + backward after a
 warm-up. The CPU is shared with whatever else runs on the machine: read the time ratios, not the absolute ms.
+On CUDA the bound of the fused path is printed beside it: four N·H·V/TP GEMMs (the forward logits, their
+recomputation, ∂h, ∂W) at the GPU's dense bf16/fp32 peak given by --peak-tflops (default: H100 SXM bf16, 989).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import sys
 from loss_bench import timed  # the same timing and peak-memory rule as the loss benchmark (this folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATHS = ("sliced", "whole")
+PATHS = ("sliced", "whole", "fused")
 
 
 def child(args) -> dict:
@@ -36,6 +42,7 @@ def child(args) -> dict:
     import torch.distributed as dist
 
     from megatron_simko.losses import SimKOConfig, simko_loss
+    from megatron_simko.losses.fused_linear import linear_token_statistics
     from megatron_simko.trainer.step import shift_left
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -46,7 +53,8 @@ def child(args) -> dict:
         tp_group, tp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
         if cuda:
             torch.cuda.set_device(rank)
-    cfg = SimKOConfig(top_k=args.top_k, chunk_tokens=args.chunk_tokens, backend=args.backend)
+    cfg = SimKOConfig(top_k=args.top_k, chunk_tokens=args.chunk_tokens, backend=args.backend,
+                      fused_chunk_tokens=args.fused_chunk_tokens)
     V, H, B = args.vocab, args.hidden, args.responses
     L = args.tokens // B
     g = torch.Generator().manual_seed(0)  # the same draw on every rank; each keeps its own rows of W
@@ -72,6 +80,11 @@ def child(args) -> dict:
             logits = torch.matmul(h, w.t())
             loss, _ = simko_loss(logits, shift_left(targets, 0), shift_left(old, 0.0), adv,
                                  shift_left(mask, False), cfg, **kw)
+        elif args.path == "fused":
+            t, o, m = shift_left(targets, 0), shift_left(old, 0.0), shift_left(mask, False)
+            st = linear_token_statistics(h, w, t, cfg.top_k, mask=m, chunk_tokens=cfg.fused_chunk_tokens,
+                                         backend=cfg.backend, **kw)
+            loss, _ = simko_loss(None, t, o, adv, m, cfg, stats=st, **kw)
         else:
             raise ValueError(f"unknown path {args.path!r}")
         loss.backward()
@@ -91,6 +104,7 @@ def launch(args, path: str, tp: int) -> dict:
     common = ["--child", "--path", path, "--device", args.device, "--dtype", args.dtype, "--tokens", str(args.tokens),
               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--responses", str(args.responses),
               "--top-k", str(args.top_k), "--chunk-tokens", str(args.chunk_tokens), "--backend", args.backend,
+              "--fused-chunk-tokens", str(args.fused_chunk_tokens),
               "--repeats", str(args.repeats)]
     script = os.path.abspath(__file__)
     if tp == 1:
@@ -115,7 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--responses", type=int, default=8, help="b (> 1: the sliced path copies)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--chunk-tokens", type=int, default=2048)
+    p.add_argument("--fused-chunk-tokens", type=int, default=512)
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"])
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA: dense GEMM peak for the FLOP bound")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
@@ -133,14 +149,20 @@ def main(argv=None) -> int:
     if args.tokens % args.responses:
         raise SystemExit(f"--tokens {args.tokens} must be a multiple of --responses {args.responses}")
     print(f"device {args.device}, {args.dtype}, N = {args.tokens} ({args.responses} × {args.tokens // args.responses}),"
-          f" H = {args.hidden}, V = {args.vocab}, K = {args.top_k}, chunk_tokens = {args.chunk_tokens}")
+          f" H = {args.hidden}, V = {args.vocab}, K = {args.top_k}, chunk_tokens = {args.chunk_tokens},"
+          f" fused_chunk_tokens = {args.fused_chunk_tokens}")
     rows = []
     for tp in args.tp:
         for path in args.paths:
             rows.append(launch(args, path, tp))
             r = rows[-1]
-            print(f"TP {tp}  {path:7s}  {r['ms']:9.1f} ms  {r['extra_mib']:9.1f} MiB extra peak", flush=True)
-    print("\nratios against `whole` at the same TP (time, extra peak memory):")
+            bound = ""
+            if args.device.startswith("cuda") and path == "fused":
+                flops = 4 * 2 * args.tokens * args.hidden * -(-args.vocab // tp)  # four N·H·V/TP GEMMs
+                bound = f"  (four-GEMM bound {flops / (args.peak_tflops * 1e12) * 1e3:.2f} ms at " \
+                        f"{args.peak_tflops:g} TFLOP/s: {r['ms'] / (flops / (args.peak_tflops * 1e9)):.2f}x)"
+            print(f"TP {tp}  {path:7s}  {r['ms']:9.1f} ms  {r['extra_mib']:9.1f} MiB extra peak{bound}", flush=True)
+    print("\nratios against `whole` (the logits path) at the same TP (time, extra peak memory):")
     for r in rows:
         base = next((b for b in rows if b["tp"] == r["tp"] and b["path"] == "whole"), None)
         if base is not None and r is not base:
