@@ -7,13 +7,16 @@ Assumptions (stated so the numbers can be checked):
 - activations per layer and micro-batch of T tokens, no recomputation, fused attention (no s² scores):
   T·h·(10 + 24/TP) bytes (Korthikanti et al. 2022, bf16), the first pipeline stage holding up to PP
   micro-batches in flight under 1F1B; plus the vocab-parallel logits T·V/TP in the training dtype and the
-  loss's fp32 buffer (bounded by its token chunk, counted here at full T as a worst case).
+  loss's fp32 buffer (bounded by its token chunk, counted here at full T as a worst case). With
+  loss.fused_linear (losses/fused_linear.py) no logits exist: the term is the fused loss's chunk buffers,
+  fused_chunk_tokens·V/TP·(dtype bytes + 8) (`loss_output_bytes`).
 - vLLM, colocated: `gpu_memory_utilization` × GPU memory while generating; asleep (level 1) during
   training: its weights are offloaded and its KV cache freed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_simko.models.gpt import ModelArch, padded_vocab_size
 
@@ -45,6 +48,7 @@ class MemoryEstimate:
     activations: float
     logits: float
     vllm: float
+    logits_label: str = "logits + loss buffer"
 
     @property
     def train_phase(self) -> float:
@@ -61,13 +65,24 @@ class MemoryEstimate:
             ("gradients (fp32)", f"{self.grads / GIB:.1f} GiB"),
             ("optimizer (Adam)", f"{self.optimizer / GIB:.1f} GiB"),
             ("activations (peak stage)", f"{self.activations / GIB:.1f} GiB"),
-            ("logits + loss buffer", f"{self.logits / GIB:.1f} GiB"),
+            (self.logits_label, f"{self.logits / GIB:.1f} GiB"),
             ("vLLM (awake)", f"{self.vllm / GIB:.1f} GiB"),
             ("peak, training phase", f"{self.train_phase / GIB:.1f} GiB of {gpu_memory_gib:.0f}"),
             ("peak, rollout phase", f"{self.rollout_phase / GIB:.1f} GiB of {gpu_memory_gib:.0f}"),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"  {name:<{width}}  {value:>16}" for name, value in rows)
+
+
+def loss_output_bytes(micro_batch_tokens: int, vocab_local: int, wbytes: int,
+                      fused_chunk_tokens: Optional[int] = None) -> float:
+    """The output layer + loss term of a micro-batch of T tokens on one TP rank. Logits path: the logits
+    T·V/TP in the training dtype + the loss's fp32 buffer (counted at T). Fused linear path (fused_chunk_tokens
+    given): no logits; one chunk's recomputed logits in the training dtype + up to two fp32 work buffers of the
+    backward (bf16 upcast, entropy bonus) — min(chunk, T)·V/TP·(dtype bytes + 8); O(T·K) per-token state aside."""
+    if fused_chunk_tokens is None:
+        return micro_batch_tokens * vocab_local * (wbytes + 4)
+    return min(fused_chunk_tokens, micro_batch_tokens) * vocab_local * (wbytes + 8)
 
 
 def estimate_memory(
@@ -80,7 +95,9 @@ def estimate_memory(
     distributed_optimizer: bool = True,
     vllm_gpu_memory_utilization: float = 0.5,
     gpu_memory_gib: float = 80.0,
+    fused_chunk_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
+    """fused_chunk_tokens: set when loss.fused_linear is on (its loss.fused_chunk_tokens); None: logits path."""
     counts = parameter_counts(arch, tp)
     layers_per_stage = arch.num_layers // pp
     # The heaviest stage: the first holds the embedding, the last the output layer (both when pp == 1).
@@ -92,7 +109,7 @@ def estimate_memory(
     in_flight = min(pp, 8)  # 1F1B warm-up depth on the first stage
     act = micro_batch_tokens * arch.hidden_size * (10 + 24 / tp) * layers_per_stage * in_flight * (wbytes / 2)
     vocab_local = padded_vocab_size(arch.vocab_size, tp) // tp
-    logits = micro_batch_tokens * vocab_local * (wbytes + 4)
+    logits = loss_output_bytes(micro_batch_tokens, vocab_local, wbytes, fused_chunk_tokens)
     return MemoryEstimate(
         params_per_gpu=int(per_gpu),
         weights=per_gpu * wbytes,
@@ -101,4 +118,5 @@ def estimate_memory(
         activations=act,
         logits=logits,
         vllm=vllm_gpu_memory_utilization * gpu_memory_gib * GIB,
+        logits_label="logits + loss buffer" if fused_chunk_tokens is None else "fused loss chunk buffers",
     )

@@ -108,7 +108,8 @@ def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_me
     print(f"loss: {cfg.loss}")
     print(dry_run_data(cfg) if read_data else "data: not read (--skip-data)")
     est = estimate_memory(arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
-                          cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib)
+                          cfg.parallel.use_distributed_optimizer, cfg.rollout.gpu_memory_utilization, gpu_memory_gib,
+                          fused_chunk_tokens=cfg.loss.fused_chunk_tokens if cfg.loss.fused_linear else None)
     print("per-GPU memory estimate (megatron_simko/memory_estimate.py states the assumptions):")
     print(est.table(gpu_memory_gib))
     fits = max(est.train_phase, est.rollout_phase) <= gpu_memory_gib * 1024**3

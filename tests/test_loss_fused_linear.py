@@ -51,3 +51,21 @@ def test_bad_input_one_line_errors(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         linear_token_statistics(args["hidden"], args["weight"], args["targets"], 3, chunk_tokens=chunk)
+
+
+def test_memory_estimate_counts_the_fused_chunk_not_the_logits():
+    """--dry-run's term for the output layer + loss: T·V/TP·(bytes + 4) with logits, chunk·V/TP·(bytes + 8) fused."""
+    from megatron_simko.memory_estimate import estimate_memory, loss_output_bytes
+    from megatron_simko.models.gpt import ModelArch
+
+    assert loss_output_bytes(16384, 76032, 2) == 16384 * 76032 * 6
+    assert loss_output_bytes(16384, 76032, 2, fused_chunk_tokens=512) == 512 * 76032 * 10
+    assert loss_output_bytes(100, 76032, 4, fused_chunk_tokens=512) == 100 * 76032 * 12  # chunk ≤ T
+    arch = ModelArch(family="qwen2", hf_architecture="Qwen2ForCausalLM", hidden_size=3584, num_layers=28,
+                     num_attention_heads=28, num_query_groups=4, head_dim=128, ffn_hidden_size=18944,
+                     vocab_size=152064, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1e6,
+                     tie_word_embeddings=False, qkv_bias=True)
+    plain = estimate_memory(arch, 2, 1, 16, 16384)
+    fused = estimate_memory(arch, 2, 1, 16, 16384, fused_chunk_tokens=512)
+    assert fused.logits < plain.logits / 10 and "fused loss chunk buffers" in fused.table(80.0)
+    assert fused.train_phase == plain.train_phase - plain.logits + fused.logits

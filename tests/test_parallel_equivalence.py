@@ -115,3 +115,10 @@ def test_fused_linear_equals_single_device_logits(tmp_path, extra):
         assert row["passed"] and row["compared"] > 0, table
         if name != "grad norm (megatron clip_grads, fp32)":
             assert row["tolerance"] <= 1e-6, table
+
+
+@pytest.mark.slow
+def test_fused_linear_bf16_within_stated_tolerances(tmp_path):
+    """bf16 (Float16Module: the hidden states come back upcast and are cast to the weight's dtype again)."""
+    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "1", "--dtype", "bf16", "--loss", "fused_linear=true")
+    assert REQUIRED_ROWS <= set(rows) and all(r["passed"] for r in rows.values()), table

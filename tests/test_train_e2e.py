@@ -134,3 +134,20 @@ def test_bad_configs_fail_before_any_process_group(override, needle):
     proc = subprocess.run(["bash", "examples/simko_qwen7b.sh", "--dry-run", override], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=dict(_env(), PYTHON=PY))
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_fused_linear_run_equals_logits_run(tiny_model, tmp_path):
+    """loss.fused_linear=true (statistics from the hidden states, no logits) gives the logits path's metrics for the
+    same seed: one step (old log-probs, loss, gradients, the update), TP = 2, 1e-6. One step only: after it the two
+    runs' weights differ by rounding, which may flip a sampled token of the next rollout."""
+    runs = {}
+    for fused in ("false", "true"):
+        metrics, _ = _train(tmp_path / fused, tiny_model, "train.steps=1", "checkpoint.save_every=0",
+                            "checkpoint.resume=none", "rollout.backend=transformers", f"loss.fused_linear={fused}")
+        runs[fused] = metrics[0]
+    a, b = runs["false"], runs["true"]
+    compared = [k for k in a if not k.startswith(NONDETERMINISTIC) and isinstance(a[k], (int, float))]
+    assert "loss/pg_loss" in compared and "grad_norm" in compared and set(compared) <= set(b)
+    diffs = {k: (a[k], b[k]) for k in compared if abs(a[k] - b[k]) > 1e-6 * max(1.0, abs(a[k]))}
+    assert not diffs, f"fused linear run differs from the logits run: {diffs}"
