@@ -18,7 +18,8 @@ Every (path, TP) runs in its own process (TP 2: a torchrun of 2 gloo ranks, each
 are the larger of the two ranks), so that each peak is its own. extra MiB = peak resident memory during the
 runs − resident memory after building the inputs (CPU: ru_maxrss − RSS; CUDA: max_memory_allocated −
 memory_allocated), the returned gradients included; ms = median wall time of one forward + backward after a
-warm-up. The CPU is shared with whatever else runs on the machine: read the time ratios, not the absolute ms.
+warm-up; ms CPU = median CPU time of this process per forward + backward (the larger rank's), which other jobs
+on a shared CPU disturb far less than the wall time. Read the ratios, not the absolute ms.
 On CUDA the bound of the fused path is printed beside it: four N·H·V/TP GEMMs (the forward logits, their
 recomputation, ∂h, ∂W) at the GPU's dense bf16/fp32 peak given by --peak-tflops (default: H100 SXM bf16, 989).
 """
@@ -27,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 from loss_bench import timed  # the same timing and peak-memory rule as the loss benchmark (this folder)
 
@@ -92,8 +95,17 @@ def child(args) -> dict:
 
     if tp_group is not None:
         dist.barrier()
-    ms, peak = timed(torch, cuda, step, args.repeats)  # loss_bench's measurement: median ms, extra peak bytes
-    row = dict(path=args.path, tp=tp, rank=rank, ms=ms, extra_mib=peak / 2 ** 20)
+    cpu_ms = []
+
+    def step_with_cpu_time():  # this process's own CPU time: robust to other jobs on a shared CPU
+        t0 = time.process_time()
+        out = step()
+        cpu_ms.append((time.process_time() - t0) * 1e3)
+        return out
+
+    ms, peak = timed(torch, cuda, step_with_cpu_time, args.repeats)  # loss_bench's rule: median ms, extra peak
+    row = dict(path=args.path, tp=tp, rank=rank, ms=ms, cpu_ms=statistics.median(cpu_ms[1:]),
+               extra_mib=peak / 2 ** 20)
     if tp_group is not None:
         dist.destroy_process_group()
     return row
@@ -116,7 +128,8 @@ def launch(args, path: str, tp: int) -> dict:
     rows = [json.loads(line[len("ROW "):]) for line in res.stdout.splitlines() if line.startswith("ROW ")]
     if res.returncode != 0 or len(rows) != tp:
         raise RuntimeError(f"{path} TP {tp} failed (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-4000:]}")
-    return dict(path=path, tp=tp, ms=max(r["ms"] for r in rows), extra_mib=max(r["extra_mib"] for r in rows))
+    return dict(path=path, tp=tp, ms=max(r["ms"] for r in rows), cpu_ms=max(r["cpu_ms"] for r in rows),
+                extra_mib=max(r["extra_mib"] for r in rows))
 
 
 def parse_args(argv=None):
@@ -161,12 +174,14 @@ def main(argv=None) -> int:
                 flops = 4 * 2 * args.tokens * args.hidden * -(-args.vocab // tp)  # four N·H·V/TP GEMMs
                 bound = f"  (four-GEMM bound {flops / (args.peak_tflops * 1e12) * 1e3:.2f} ms at " \
                         f"{args.peak_tflops:g} TFLOP/s: {r['ms'] / (flops / (args.peak_tflops * 1e9)):.2f}x)"
-            print(f"TP {tp}  {path:7s}  {r['ms']:9.1f} ms  {r['extra_mib']:9.1f} MiB extra peak{bound}", flush=True)
-    print("\nratios against `whole` (the logits path) at the same TP (time, extra peak memory):")
+            print(f"TP {tp}  {path:7s}  {r['ms']:9.1f} ms  {r['cpu_ms']:9.1f} ms CPU  {r['extra_mib']:9.1f} MiB extra peak"
+                  f"{bound}", flush=True)
+    print("\nratios against `whole` (the logits path) at the same TP (wall time, CPU time, extra peak memory):")
     for r in rows:
         base = next((b for b in rows if b["tp"] == r["tp"] and b["path"] == "whole"), None)
         if base is not None and r is not base:
-            print(f"TP {r['tp']}  {r['path']:7s}  time {r['ms'] / base['ms']:.2f}x  memory "
+            print(f"TP {r['tp']}  {r['path']:7s}  time {r['ms'] / base['ms']:.2f}x  CPU time "
+                  f"{r['cpu_ms'] / base['cpu_ms']:.2f}x  memory "
                   f"{r['extra_mib'] / base['extra_mib']:.2f}x")
     if args.json:
         with open(args.json + ".tmp", "w") as f:

@@ -18,6 +18,7 @@ gradients.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -38,6 +39,9 @@ from megatron_simko.models.output_head import output_layer_input  # noqa: E402
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu, install_cpu_shims  # noqa: E402
 
 ROWS, H = 64, 16
+# FUSED_BACKEND=triton (with TRITON_INTERPRET=1 on CPU): the fused path's per-chunk passes run as the Triton kernels,
+# against the torch logits path; FUSED_CASES=a,b limits the cases (the interpreter is slow).
+FUSED_BACKEND = os.environ.get("FUSED_BACKEND", "torch")
 FP32 = dict(rtol=1e-6, atol=1e-6)
 # bf16: both paths multiply the same bf16 h and W; the logits path rounds h Wᵀ once to bf16 as a whole, the
 # fused path per chunk — the same values. ∂h, ∂W are bf16 GEMM outputs of (near-)identical bf16 logit
@@ -127,7 +131,9 @@ def run(case, fused, rank, world, group):
     cfg = config_of(case)
     kw = dict(tp_group=group, temperature=case["temperature"], vocab_size=case["vocab_size"])
     if fused:
-        st = linear_token_statistics(h, w, targets, cfg.top_k, mask=mask, chunk_tokens=cfg.fused_chunk_tokens, **kw)
+        cfg = dataclasses.replace(cfg, backend=FUSED_BACKEND)
+        st = linear_token_statistics(h, w, targets, cfg.top_k, mask=mask, chunk_tokens=cfg.fused_chunk_tokens,
+                                     backend=cfg.backend, **kw)
         loss, metrics = simko_loss(None, targets, old, adv, mask, cfg, stats=st, **kw)
     else:
         logits = torch.matmul(h.contiguous(), w.t())
@@ -187,7 +193,10 @@ def main():
                             timeout=timedelta(seconds=60))
     group = dist.new_group(list(range(a.world)))
     results, t0 = {}, time.time()
+    chosen = os.environ.get("FUSED_CASES")
     for name, case in CASES.items():
+        if chosen and name not in chosen.split(","):
+            continue
         try:
             with cuda_to_cpu():  # megatron-core's sequence-parallel mappings allocate on "cuda"
                 results[name] = check_case(name, case, a.rank, a.world, group)

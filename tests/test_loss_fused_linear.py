@@ -9,6 +9,7 @@ import torch
 
 import fused_linear_worker as worker
 from loss_dist_worker import launch
+from megatron_simko.losses import triton_kernels as tk
 from megatron_simko.losses.fused_linear import linear_token_statistics
 
 TP_SIZES = (1, 2, 4)
@@ -26,6 +27,20 @@ def test_fused_matches_logits_path(tp_results, case):
     failures = results.get(case)
     assert failures is not None, f"TP={tp}: case {case} did not run"
     assert not failures, f"TP={tp} case {case}:\n" + "\n".join(failures)
+
+
+TRITON_CASES = ("simko", "padded_two_shards", "entropy_bonus", "bf16_entropy_bonus_padded")
+
+
+@pytest.mark.skipif(tk.triton is None, reason="triton is not installed (requirements/cpu.lock.txt)")
+@pytest.mark.parametrize("tp", (1, 2))
+def test_fused_with_triton_kernels_matches_logits_path(tmp_path, tp):
+    """The fused path with backend="triton" (the per-chunk passes as the Triton kernels, in the CPU interpreter)
+    against the torch logits path."""
+    results = launch(tp, str(tmp_path), timeout=900.0, script=worker.__file__,
+                     env={"TRITON_INTERPRET": "1", "FUSED_BACKEND": "triton", "FUSED_CASES": ",".join(TRITON_CASES)})
+    for case in TRITON_CASES:
+        assert results.get(case) == [], f"TP={tp} case {case}: {results.get(case)}"
 
 
 def test_inputs_unchanged_and_no_grad_path_builds_no_graph():
