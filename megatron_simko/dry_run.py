@@ -69,7 +69,8 @@ def dry_run(cfg: Config, arch: ModelArch, nodes: int, gpus_per_node: int, gpu_me
             ests[backend, fused] = estimate_memory(
                 arch, tp, pp, dp, cfg.train.micro_batch_tokens, cfg.model.dtype,
                 cfg.parallel.use_distributed_optimizer, configured_rollout_memory(other, arch, gpu_memory_gib),
-                fused_attention=fused, sequence_length=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length)
+                fused_attention=fused, sequence_length=cfg.rollout.max_prompt_length + cfg.rollout.max_response_length,
+                fused_chunk_tokens=cfg.loss.fused_chunk_tokens if cfg.loss.fused_linear else None)
     est = ests[cfg.rollout.backend, te]
     print(est.table(gpu_memory_gib))
     print("peak GiB per GPU by rollout backend and attention (training phase / rollout phase):")

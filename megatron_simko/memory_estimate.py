@@ -7,7 +7,8 @@ Assumptions (stated so the numbers can be checked):
 - activations per layer and micro-batch of T tokens, no recomputation: T·h·(10 + 24/TP) bytes (Korthikanti
   et al. 2022, bf16), the first pipeline stage holding up to PP micro-batches in flight under 1F1B; plus the
   vocab-parallel logits T·V/TP in the training dtype and the loss's fp32 buffer (bounded by its token chunk,
-  counted here at full T as a worst case).
+  counted here at full T as a worst case). With loss.fused_linear (losses/fused_linear.py) no logits exist:
+  the term is the fused loss's chunk buffers, fused_chunk_tokens·V/TP·(dtype bytes + 8) (`loss_output_bytes`).
 - attention: with Transformer Engine (fused / flash attention) no s² term. Without it, megatron-core's local
   spec materialises the scores and the softmax probabilities [b, heads/TP, s, s] per layer, both kept for
   backward, in the training dtype: 2·b·s²·heads/TP·bytes = 2·T·s·heads/TP·bytes per layer (a micro-batch of
@@ -69,6 +70,7 @@ class MemoryEstimate:
     logits: float
     rollout: RolloutMemory
     fused_attention: bool = True
+    logits_label: str = "logits + loss buffer"
 
     @property
     def train_phase(self) -> float:
@@ -96,7 +98,7 @@ class MemoryEstimate:
             ("optimizer (Adam)", f"{self.optimizer / GIB:.1f} GiB"),
             ("activations (peak stage)", f"{self.activations / GIB:.1f} GiB"),
             (f"attention: {attention}", f"{self.attention / GIB:.1f} GiB"),
-            ("logits + loss buffer", f"{self.logits / GIB:.1f} GiB"),
+            (self.logits_label, f"{self.logits / GIB:.1f} GiB"),
             *rollout_rows,
             ("peak, training phase", f"{self.train_phase / GIB:.1f} GiB of {gpu_memory_gib:.0f}"),
             ("peak, rollout phase", f"{self.rollout_phase / GIB:.1f} GiB of {gpu_memory_gib:.0f}"),
@@ -138,6 +140,17 @@ def configured_rollout_memory(cfg, arch: ModelArch, gpu_memory_gib: float) -> Ro
                           max_batch_rows=r.max_batch_rows, kv_budget_gib=r.kv_budget_gib)
 
 
+def loss_output_bytes(micro_batch_tokens: int, vocab_local: int, wbytes: int,
+                      fused_chunk_tokens: Optional[int] = None) -> float:
+    """The output layer + loss term of a micro-batch of T tokens on one TP rank. Logits path: the logits
+    T·V/TP in the training dtype + the loss's fp32 buffer (counted at T). Fused linear path (fused_chunk_tokens
+    given): no logits; one chunk's recomputed logits in the training dtype + up to two fp32 work buffers of the
+    backward (bf16 upcast, entropy bonus) — min(chunk, T)·V/TP·(dtype bytes + 8); O(T·K) per-token state aside."""
+    if fused_chunk_tokens is None:
+        return micro_batch_tokens * vocab_local * (wbytes + 4)
+    return min(fused_chunk_tokens, micro_batch_tokens) * vocab_local * (wbytes + 8)
+
+
 def estimate_memory(
     arch: ModelArch,
     tp: int,
@@ -149,10 +162,12 @@ def estimate_memory(
     rollout: Optional[RolloutMemory] = None,
     fused_attention: bool = True,
     sequence_length: int = 4096,
+    fused_chunk_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
     """Per-GPU bytes; ``rollout`` from :func:`rollout_memory` (default: vLLM at 0.5 of 80 GiB);
     ``fused_attention``: Transformer Engine present (else the local spec's s² term, sequences of
-    ``sequence_length`` tokens)."""
+    ``sequence_length`` tokens); ``fused_chunk_tokens``: set when loss.fused_linear is on (its
+    loss.fused_chunk_tokens), None for the logits path."""
     counts = parameter_counts(arch, tp)
     layers_per_stage = arch.num_layers // pp
     # The heaviest stage: the first holds the embedding, the last the output layer (both when pp == 1).
@@ -164,7 +179,7 @@ def estimate_memory(
     in_flight = min(pp, 8)  # 1F1B warm-up depth on the first stage
     act = micro_batch_tokens * arch.hidden_size * (10 + 24 / tp) * layers_per_stage * in_flight * (wbytes / 2)
     vocab_local = padded_vocab_size(arch.vocab_size, tp) // tp
-    logits = micro_batch_tokens * vocab_local * (wbytes + 4)
+    logits = loss_output_bytes(micro_batch_tokens, vocab_local, wbytes, fused_chunk_tokens)
     s = min(sequence_length, micro_batch_tokens)
     attention = 0.0 if fused_attention else (
         2 * micro_batch_tokens * s * (arch.num_attention_heads / tp) * wbytes * layers_per_stage * in_flight)
@@ -178,4 +193,5 @@ def estimate_memory(
         logits=logits,
         rollout=rollout if rollout is not None else rollout_memory(arch, "vllm", dtype, 80.0),
         fused_attention=fused_attention,
+        logits_label="logits + loss buffer" if fused_chunk_tokens is None else "fused loss chunk buffers",
     )

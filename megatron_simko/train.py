@@ -295,7 +295,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     # 3. old-policy log-probs (the policy that generated the rollouts, recomputed by the trainer) + metrics.
     stats = compute_token_stats(c.model, batch, cfg.loss.top_k, c.arch.vocab_size, cfg.rollout.temperature,
                                 max_tokens=cfg.train.micro_batch_tokens, broadcast_to_all_stages=True,
-                                backend=cfg.loss.backend)
+                                backend=cfg.loss.backend, fused_linear=cfg.loss.fused_linear,
+                                fused_chunk_tokens=cfg.loss.fused_chunk_tokens)
     batch.old_logprob = stats.target_logprob
     metrics.update(logprob_mismatch(stats.target_logprob, batch.rollout_logprob, batch.loss_mask,
                                     group=mpu.get_data_parallel_group()))

@@ -53,6 +53,8 @@ def test_overrides_are_typed():
         (["nonsense.key=1"], "unknown key(s) nonsense"),
         (["train.steps=abc"], "train.steps: expected int"),
         (["train.steps=1.5"], "train.steps: expected an integer"),
+        (["loss.fused_linear=maybe"], "loss.fused_linear: expected true/false"),
+        (["loss.fused_chunk_tokens=0"], "fused_chunk_tokens must be an int >= 1"),
         (["loss.alpha=2"], "alpha must be in [0, 1]"),
         (["loss.mode=ppo"], "mode must be one of"),
         (["rollout.temperature=0"], "rollout.temperature"),

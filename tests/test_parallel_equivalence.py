@@ -90,3 +90,35 @@ def test_distributed_optimizer_dp2_params_after_step(tmp_path):
 def test_bf16_within_stated_tolerances(tmp_path):
     rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "1", "--dtype", "bf16")
     assert REQUIRED_ROWS <= set(rows) and all(r["passed"] for r in rows.values()), table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="tied"),
+    pytest.param(["--loss", "entropy_coef=0.1", "--loss", "fused_chunk_tokens=5"], id="tied-entropy_bonus-chunked"),
+    pytest.param(["--loss", "mode=kl_cov", "--loss", "kl_cov_ratio=0.1"], id="tied-kl_cov"),
+    pytest.param(["UNTIED"], id="untied"),
+])
+def test_fused_linear_equals_single_device_logits(tmp_path, extra):
+    """loss.fused_linear at TP2×PP2 (statistics from hidden states, no logits; models/output_head.py) against the
+    single-device logits path, fp32 1e-6: statistics, loss, every gradient, the Adam step."""
+    if extra == ["UNTIED"]:
+        sys.path.insert(0, os.path.join(ROOT, "tools"))
+        from check_parallel_equivalence import DEFAULT_MODEL
+
+        cfg = tmp_path / "config.json"
+        cfg.write_text(json.dumps({**DEFAULT_MODEL, "tie_word_embeddings": False}))
+        extra = ["--model-config", str(cfg)]
+    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "2", "--loss", "fused_linear=true", *extra)
+    assert REQUIRED_ROWS <= set(rows), table
+    for name, row in rows.items():
+        assert row["passed"] and row["compared"] > 0, table
+        if name != "grad norm (megatron clip_grads, fp32)":
+            assert row["tolerance"] <= 1e-6, table
+
+
+@pytest.mark.slow
+def test_fused_linear_bf16_within_stated_tolerances(tmp_path):
+    """bf16 (Float16Module: the hidden states come back upcast and are cast to the weight's dtype again)."""
+    rows, table = run_tool(tmp_path, "--tp", "2", "--pp", "1", "--dtype", "bf16", "--loss", "fused_linear=true")
+    assert REQUIRED_ROWS <= set(rows) and all(r["passed"] for r in rows.values()), table

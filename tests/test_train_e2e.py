@@ -166,3 +166,20 @@ def test_dynamic_sampling_and_grpo_warmup_resume_exactly(tiny_model, tmp_path):
     a, b = metrics_a[1], metrics_b[0]
     diffs = {k: (a[k], b.get(k)) for k in a if not k.startswith(NONDETERMINISTIC) and a[k] != b.get(k)}
     assert not diffs, f"resumed step differs: {diffs}"
+
+
+@pytest.mark.slow
+def test_fused_linear_run_equals_logits_run(tiny_model, tmp_path):
+    """loss.fused_linear=true (statistics from the hidden states, no logits) gives the logits path's metrics for the
+    same seed: one step (old log-probs, loss, gradients, the update), TP = 2, 1e-6. One step only: after it the two
+    runs' weights differ by rounding, which may flip a sampled token of the next rollout."""
+    runs = {}
+    for fused in ("false", "true"):
+        metrics, _ = _train(tmp_path / fused, tiny_model, "train.steps=1", "checkpoint.save_every=0",
+                            "checkpoint.resume=none", "rollout.backend=transformers", f"loss.fused_linear={fused}")
+        runs[fused] = metrics[0]
+    a, b = runs["false"], runs["true"]
+    compared = [k for k in a if not k.startswith(NONDETERMINISTIC) and isinstance(a[k], (int, float))]
+    assert "loss/pg_loss" in compared and "grad_norm" in compared and set(compared) <= set(b)
+    diffs = {k: (a[k], b[k]) for k in compared if abs(a[k] - b[k]) > 1e-6 * max(1.0, abs(a[k]))}
+    assert not diffs, f"fused linear run differs from the logits run: {diffs}"

@@ -16,12 +16,15 @@ One command, two phases:
      batch, and compares its shard of every quantity with the reference's slice.
 The loss is SimKO with the defaults of SimKOConfig (top_k 3) unless ``--loss KEY=VALUE`` (repeatable) sets
 SimKOConfig fields, e.g. another mode or an entropy bonus. KL-Cov / Clip-Cov select tokens over the whole
-mini-batch (trainer/step.py), so the single device and every layout must select the same tokens.
+mini-batch (trainer/step.py), so the single device and every layout must select the same tokens. The reference
+always computes the loss from logits: ``--loss fused_linear=true`` checks the fused path (losses/fused_linear.py,
+no logits) of the parallel run against it.
 Prints a table (quantity, max abs diff, tolerance, pass/fail) and exits 1 on any failure (2 on bad arguments).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -169,7 +172,8 @@ def run_step(chunks, optimizer, scheduler, arch, batch, loss_cfg, num_microbatch
     from megatron_simko.trainer.step import compute_token_stats
 
     stats = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=num_microbatches,
-                                max_tokens=max_tokens, backend=loss_cfg.backend)
+                                max_tokens=max_tokens, backend=loss_cfg.backend, fused_linear=loss_cfg.fused_linear,
+                                fused_chunk_tokens=loss_cfg.fused_chunk_tokens)
     grads = {}
 
     def grab(model_chunks):
@@ -209,12 +213,12 @@ def reference(args, arch: ModelArch, path: str) -> None:
 
     global_batch = MICRO_BATCH_SIZE * MICROBATCHES_PER_DP_RANK * args.dp
     batch = make_batch(arch, global_batch, args.seed)
-    first = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=1,
-                                backend=loss_config(args.loss).backend)
+    ref_cfg = dataclasses.replace(loss_config(args.loss), fused_linear=False)  # the reference uses the logits
+    first = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=1, backend=ref_cfg.backend)
     g = torch.Generator().manual_seed(args.seed + 2)
     batch.old_logprob = first.target_logprob.cpu() + 0.3 * torch.randn(first.target_logprob.shape, generator=g)
 
-    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, loss_config(args.loss),
+    stats, out, grads = run_step(chunks, optimizer, scheduler, arch, batch, ref_cfg,
                                  num_microbatches=MICROBATCHES_PER_DP_RANK * args.dp)
     params = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in chunks[0].module.named_parameters()}
     tmp = path + ".tmp"

@@ -45,6 +45,7 @@ import torch
 
 from .triton_kernels import BACKENDS
 from .covariance import covariance_selection
+from .fused_linear import DEFAULT_FUSED_CHUNK_TOKENS
 from .vocab_parallel import DEFAULT_CHUNK_TOKENS, TokenStats, token_statistics
 
 LAM_FORMS = ("advantage", "ratio")  # where λ multiplies: A (the released code) or γ before clipping (v3, CaSP)
@@ -64,6 +65,9 @@ class SimKOConfig:
     entropy quantile. clip_low/clip_high: ε_low/ε_high.
     chunk_tokens: tokens per chunk of the vocab-parallel kernel (bounds its fp32 [chunk, V_local] buffer).
     backend: "auto" (Triton kernels on CUDA when Triton imports, else torch), "torch" or "triton".
+    fused_linear: the trainer computes the statistics straight from the last hidden states and the output weight
+    (losses/fused_linear.py; no [N, V/TP] logits) instead of from logits; fused_chunk_tokens: its tokens per GEMM
+    chunk (bounds its [chunk, V_local] buffers). Same loss and gradients either way (fp32: to 1e-6).
 
     entropy_coef (any mode): loss −= entropy_coef · token-mean H. 0 = off (SimKO's and the KL/Clip-Cov recipes'
     setting; the SimKO authors' GRPO baseline for Qwen2.5-Math-7B uses verl's 0.001).
@@ -87,6 +91,8 @@ class SimKOConfig:
     clip_high: float = 0.2
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     backend: str = "auto"
+    fused_linear: bool = False
+    fused_chunk_tokens: int = DEFAULT_FUSED_CHUNK_TOKENS
     entropy_coef: float = 0.0
     kl_cov_ratio: float = 0.002
     kl_cov_coef: float = 1.0
@@ -116,6 +122,11 @@ class SimKOConfig:
             raise ValueError(f"clip_high must be >= 0, got {self.clip_high!r}")
         if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {self.chunk_tokens!r}")
+        if not isinstance(self.fused_linear, bool):
+            raise ValueError(f"fused_linear must be true or false, got {self.fused_linear!r}")
+        if (isinstance(self.fused_chunk_tokens, bool) or not isinstance(self.fused_chunk_tokens, int)
+                or self.fused_chunk_tokens < 1):
+            raise ValueError(f"fused_chunk_tokens must be an int >= 1, got {self.fused_chunk_tokens!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not (0.0 <= self.entropy_coef < math.inf):
@@ -191,7 +202,8 @@ def _check_inputs(logits, targets, old_logprob, advantages, mask):
 def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, cfg: SimKOConfig, tp_group=None, temperature: float = 1.0,
                vocab_size: Optional[int] = None, *, token_normalizer: Optional[float] = None,
-               cov_selected: Optional[torch.Tensor] = None, selection_seed: int = 0):
+               cov_selected: Optional[torch.Tensor] = None, selection_seed: int = 0,
+               stats: Optional[TokenStats] = None):
     """SimKO (or baseline) policy loss on this rank's vocabulary shard; see the module docstring.
 
     Args: logits [B, L, V_local] (global ids [r·V_local, (r+1)·V_local) on TP rank r; never modified),
@@ -201,7 +213,8 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
     global-batch token count; else the token mean; an empty mask gives 0). kl_cov / clip_cov (keyword-only):
     cov_selected [B, L] bool, the covariance selection of the whole population (trainer/step.py computes it over
     the optimizer mini-batch); None selects among this call's tokens (`covariance.py`, clip_cov's draw seeded
-    with selection_seed).
+    with selection_seed). stats (keyword-only): the per-token statistics computed elsewhere — from the hidden
+    states by losses/fused_linear.linear_token_statistics — with logits=None; they are not recomputed.
 
     Returns (loss, metrics): a scalar fp32 tensor whose gradient w.r.t. logits is the SimKO gradient, and a
     dict of Python floats — identical on every TP rank; all keys except "loss" and "num_tokens" are means over
@@ -213,12 +226,13 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
       with w = 1, i.e. where α moves credit to the top-K), cov_selected_fraction (kl_cov: tokens with the
       |log r| term; clip_cov: tokens zeroed), entropy_adv_bonus (mean ψ of entropy_adv).
     """
-    _check_inputs(logits, targets, old_logprob, advantages, mask)
+    _check_inputs(logits if stats is None else stats.topk_logprob, targets, old_logprob, advantages, mask)
     if token_normalizer is not None and not (isinstance(token_normalizer, (int, float)) and token_normalizer > 0):
         raise ValueError(f"token_normalizer must be a positive number, got {token_normalizer!r}")
     K = cfg.top_k
-    stats: TokenStats = token_statistics(logits, targets, K, tp_group, temperature, vocab_size,
-                                         mask=mask, chunk_tokens=cfg.chunk_tokens, backend=cfg.backend)
+    if stats is None:
+        stats = token_statistics(logits, targets, K, tp_group, temperature, vocab_size,
+                                 mask=mask, chunk_tokens=cfg.chunk_tokens, backend=cfg.backend)
 
     maskf = mask.float()
     if advantages.dim() == 1:

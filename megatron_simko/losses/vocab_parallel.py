@@ -200,22 +200,26 @@ def softmax_gradient_chunk(x, grad_out, p_buf, lse, inv_t, shard, ids, betas, gr
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward(logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend="torch"):
-    """Local pass → one all-gather → merge. Returns (target_logprob, entropy, topk_lp, topk_ids, lse)."""
+def local_partials(logits2d, targets1d, top_k, shard, inv_t, chunk_tokens, backend="torch") -> torch.Tensor:
+    """This rank's [N, 2K+3] float64 partials (pack_partials) of logits2d [N, ≥ n_real], chunk by chunk."""
     N = logits2d.shape[0]
-    inv_t = 1.0 / temperature
     if backend == "triton":  # one streaming pass per row, same partials
-        partials = triton_kernels.local_partials(logits2d, targets1d, top_k, shard, inv_t)
-    else:
-        partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=logits2d.device)
-        step = max(1, chunk_tokens // 2)  # local_exp_sums holds two fp32 [step, V] buffers = one [chunk, V]
-        for a in range(0, N, step):
-            b = min(a + step, N)
-            x = real_rows(logits2d[a:b], shard)  # [n, n_real] view, logits dtype
-            values, ids = local_topk(x, top_k, shard, inv_t)
-            target_z = local_target_logit(x, targets1d[a:b], shard, inv_t)
-            sum_exp, sum_exp_z = local_exp_sums(x, values[:, 0], inv_t)
-            partials[a:b] = pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
+        return triton_kernels.local_partials(logits2d, targets1d, top_k, shard, inv_t)
+    partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=logits2d.device)
+    step = max(1, chunk_tokens // 2)  # local_exp_sums holds two fp32 [step, V] buffers = one [chunk, V]
+    for a in range(0, N, step):
+        b = min(a + step, N)
+        x = real_rows(logits2d[a:b], shard)  # [n, n_real] view, logits dtype
+        values, ids = local_topk(x, top_k, shard, inv_t)
+        target_z = local_target_logit(x, targets1d[a:b], shard, inv_t)
+        sum_exp, sum_exp_z = local_exp_sums(x, values[:, 0], inv_t)
+        partials[a:b] = pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
+    return partials
+
+
+def gather_and_merge(partials, top_k, tp_group, shard):
+    """The one all-gather of the partials [N, 2K+3] over TP, then merge_partials (identical on every rank)."""
+    N = partials.shape[0]
     if tp_group is None:
         gathered = partials.unsqueeze(0)  # [1, N, 2K+3]
     else:
@@ -224,6 +228,24 @@ def _forward(logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tok
         dist.all_gather_into_tensor(gathered, partials, group=tp_group)
         gathered = gathered.view(shard.tp_size, N, 2 * top_k + 3)
     return merge_partials(gathered, top_k)
+
+
+def _forward(logits2d, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend="torch"):
+    """Local pass → one all-gather → merge. Returns (target_logprob, entropy, topk_lp, topk_ids, lse)."""
+    partials = local_partials(logits2d, targets1d, top_k, shard, 1.0 / temperature, chunk_tokens, backend)
+    return gather_and_merge(partials, top_k, tp_group, shard)
+
+
+def upstream_coefficients(grad_target_lp, grad_entropy, grad_topk_lp, targets1d, topk_ids, lse):
+    """The backward's per-token coefficients: ids [N, K+1] = (y_t, c_1..c_K), their upstream gradients β [N, K+1]
+    fp32 (a missing one is β = 0) and g_H [N] fp32 (None without an entropy gradient)."""
+    N, K = topk_ids.shape
+    beta_t = grad_target_lp.float() if grad_target_lp is not None else lse.new_zeros(N)
+    beta_k = grad_topk_lp.float() if grad_topk_lp is not None else lse.new_zeros(N, K)
+    ids = torch.cat([targets1d.unsqueeze(1), topk_ids], dim=1)  # [N, K+1]
+    betas = torch.cat([beta_t.unsqueeze(1), beta_k], dim=1)
+    g_h = grad_entropy.float() if grad_entropy is not None else None
+    return ids, betas, g_h
 
 
 class _VocabParallelTokenStats(torch.autograd.Function):
@@ -245,13 +267,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         shard, T, chunk = ctx.shard, ctx.temperature, ctx.chunk_tokens
         if shard.n_real == 0 or (grad_target_lp is None and grad_topk_lp is None and grad_entropy is None):
             return torch.zeros_like(logits2d), None, None, None, None, None, None, None
-        N, K = topk_ids.shape
-        # β for the K+1 ids m = (y_t, c_1..c_K); a missing upstream gradient is β = 0.
-        beta_t = grad_target_lp.float() if grad_target_lp is not None else lse.new_zeros(N)
-        beta_k = grad_topk_lp.float() if grad_topk_lp is not None else lse.new_zeros(N, K)
-        ids = torch.cat([targets1d.unsqueeze(1), topk_ids], dim=1)  # [N, K+1]
-        betas = torch.cat([beta_t.unsqueeze(1), beta_k], dim=1)
-        g_h = grad_entropy.float() if grad_entropy is not None else None
+        N = topk_ids.shape[0]
+        ids, betas, g_h = upstream_coefficients(grad_target_lp, grad_entropy, grad_topk_lp, targets1d, topk_ids, lse)
         if ctx.backend == "triton":  # one pass per row, padding rows included
             grad = triton_kernels.softmax_gradient(logits2d, ids, betas, lse, 1.0 / T, shard,
                                                    grad_entropy=g_h, entropy=None if g_h is None else entropy)
@@ -283,7 +300,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 
 
 def resolve_shard(logits: torch.Tensor, tp_group, vocab_size: Optional[int], top_k: int) -> tuple[_Shard, int]:
-    """Validate the sharding and return (this rank's shard, real vocabulary size)."""
+    """Validate the sharding and return (this rank's shard, real vocabulary size). Only logits.shape[-1] = V_local
+    is read (losses/fused_linear.py passes the transposed weight shard)."""
     v_local = logits.shape[-1]
     if tp_group is None:
         tp_size, tp_rank = 1, 0

@@ -13,7 +13,8 @@ Shapes (B sequences, S = padded length; every sequence is prompt + response, rig
 
 Alignment: every per-token tensor is aligned with ``tokens``; index t refers to token t *as predicted from
 position t − 1*. Index 0 is therefore never a response token (loss_mask[:, 0] is False) and the model's
-logits at position t − 1 score index t: ``logits[:, :-1]`` against ``tokens[:, 1:]``.
+logits at position t − 1 score index t. The trainer keeps the logits whole and shifts these tensors left
+instead (trainer/step.py ``_shifted``; the last position is masked).
 
 Micro-batches. megatron-core's schedules run a fixed ``num_microbatches`` per step on every rank, and with
 pipeline parallelism every stage must walk the same micro-batches in the same order. Two ways to cut:

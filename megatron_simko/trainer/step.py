@@ -15,8 +15,11 @@ the GLOBAL batch — all micro-batches on all data-parallel ranks — not a mean
    schedule's token count a second time.
 The gradient after the step is therefore ∇L exactly (verified against one device by the DP2 equivalence test).
 
-Alignment: ``logits[:, :-1]`` (positions 0..s−2) predict ``tokens[:, 1:]``; the per-token batch tensors are
-aligned with tokens (batch.py), so they are sliced ``[:, 1:]`` too.
+Alignment: position t of the logits predicts token t + 1. The logits stay whole ([b, s, V/TP], a view all the way
+into the loss) and the targets move instead: the per-token batch tensors (aligned with tokens, batch.py) are
+shifted left by one (``_shifted``) and the last position, which predicts nothing, is masked out. Slicing the logits
+(``logits[:, :-1]``) would copy them for b > 1 (the slice is not a view of a [b·(s−1), V] matrix) and make autograd
+allocate a zero [b, s, V] gradient to copy into (issue 20 item 7; benchmarks/loss_memory_bench.py measures it).
 
 KL-Cov / Clip-Cov (losses/covariance.py) choose tokens by statistics of a population. Here the population is the
 optimizer mini-batch — every micro-batch on every DP rank — so the choice does not depend on the micro-batch split
@@ -29,6 +32,7 @@ micro-batch per GPU) when the mini-batch is a single micro-batch on a single DP 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -39,9 +43,12 @@ import torch.distributed as dist
 
 from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
 from megatron_simko.losses.covariance import covariance_selection
+from megatron_simko.losses.fused_linear import DEFAULT_FUSED_CHUNK_TOKENS, linear_token_statistics
 from megatron_simko.losses.simko import COVARIANCE_MODES
+from megatron_simko.losses.vocab_parallel import DEFAULT_CHUNK_TOKENS
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu
 from megatron_simko.parallel.devices import all_reduce, collective_device, trainer_device
+from megatron_simko.models.output_head import output_layer_bypassed
 from megatron_simko.trainer.batch import RLBatch, token_budget_microbatches
 
 
@@ -90,29 +97,32 @@ def _data_iterator(model_chunks, microbatches):
     return iter(microbatches)
 
 
-def _forward_step(data_iterator, model, *, loss_func_factory):
-    """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last."""
+def _forward_step(data_iterator, model, *, loss_func_factory, fused_linear: bool = False):
+    """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last.
+    fused_linear: the last stage returns hidden states and the closure gets the output weight (models/output_head)."""
     mb: RLBatch = next(data_iterator)
     device = trainer_device()
     tokens = mb.tokens.to(device)  # [b, s]
     b, s = tokens.shape
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # right padding: start at 0
-    output = model(input_ids=tokens, position_ids=position_ids,
-                   attention_mask=causal_attention_mask(s, device))  # last stage: [b, s, V/TP] logits
-    return output, functools.partial(loss_func_factory, mb)
+    with output_layer_bypassed(model) if fused_linear else contextlib.nullcontext() as head:
+        # last stage: [b, s, V/TP] logits, or [b, s, H] final-norm hidden states (fused_linear)
+        output = model(input_ids=tokens, position_ids=position_ids, attention_mask=causal_attention_mask(s, device))
+    return output, functools.partial(loss_func_factory, mb, head=head)
 
 
-def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only: bool):
+def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only: bool, fused_linear: bool = False):
     """megatron-core's schedule (no PP / 1F1B / interleaved, by the parallel state) over ``microbatches``.
 
-    ``func(mb, logits)`` runs on the last stage: a loss function (forward_only=False) or a statistics function
-    whose results the schedule collects (forward_only=True, ``collect_non_loss_data``)."""
+    ``func(mb, output, head=...)`` runs on the last stage: a loss function (forward_only=False) or a statistics
+    function whose results the schedule collects (forward_only=True, ``collect_non_loss_data``). output = the
+    logits and head = None, or with fused_linear the hidden states and the OutputHead holding the output weight."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     kwargs = dict(collect_non_loss_data=True) if forward_only else {}
     with cuda_to_cpu():
         return get_forward_backward_func()(
-            forward_step_func=functools.partial(_forward_step, loss_func_factory=func),
+            forward_step_func=functools.partial(_forward_step, loss_func_factory=func, fused_linear=fused_linear),
             data_iterator=_data_iterator(model_chunks, microbatches),
             model=_model_arg(model_chunks),
             num_microbatches=len(microbatches),
@@ -123,14 +133,32 @@ def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only:
         )
 
 
+def shift_left(t: torch.Tensor, fill) -> torch.Tensor:
+    """[b, s, ...] → [b, s, ...]: out[:, i] = t[:, i + 1], the last position filled with ``fill``."""
+    return torch.cat([t[:, 1:], t.new_full((t.shape[0], 1) + tuple(t.shape[2:]), fill)], dim=1)
+
+
 def _shifted(mb: RLBatch, device):
-    """Targets and per-token tensors for logits[:, :-1]: index t of the batch ↔ position t − 1."""
+    """Targets and per-token tensors for the whole logits [b, s, V/TP]: position t ↔ index t + 1 of the batch.
+    The last position has no target: masked out (target id 0, old log-prob 0, not selected)."""
     advantages = mb.advantages.to(device)
     if advantages.dim() == 2:
-        advantages = advantages[:, 1:]
-    cov_select = mb.cov_select.to(device)[:, 1:] if mb.cov_select is not None else None
-    return (mb.tokens.to(device)[:, 1:], mb.old_logprob.to(device)[:, 1:], advantages,
-            mb.loss_mask.to(device)[:, 1:], cov_select)
+        advantages = shift_left(advantages, 0.0)
+    cov_select = shift_left(mb.cov_select.to(device), False) if mb.cov_select is not None else None
+    return (shift_left(mb.tokens.to(device), 0), shift_left(mb.old_logprob.to(device), 0.0), advantages,
+            shift_left(mb.loss_mask.to(device), False), cov_select)
+
+
+def last_stage_token_stats(output: torch.Tensor, head, targets: torch.Tensor, top_k: int, tp_group,
+                           temperature: float, vocab_size: int, mask: torch.Tensor, backend: str,
+                           chunk_tokens: int, fused_chunk_tokens: int):
+    """TokenStats of the last stage's output: from the logits [b, s, V/TP] (head None), or from the hidden states
+    [b, s, H] and head.weight [V/TP, H] without logits (losses/fused_linear.py). Same statistics either way."""
+    if head is None:
+        return token_statistics(output, targets, top_k, tp_group=tp_group, temperature=temperature,
+                                vocab_size=vocab_size, mask=mask, chunk_tokens=chunk_tokens, backend=backend)
+    return linear_token_statistics(output, head.weight, targets, top_k, tp_group=tp_group, temperature=temperature,
+                                   vocab_size=vocab_size, mask=mask, chunk_tokens=fused_chunk_tokens, backend=backend)
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -176,12 +204,15 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     num_tokens = int(all_reduce(torch.tensor([n_local], dtype=torch.int64), group=dp_group).item())
     normalizer = float(max(num_tokens, 1))
 
-    def loss_func(mb: RLBatch, logits: torch.Tensor):
-        targets, old_logprob, advantages, mask, cov_select = _shifted(mb, logits.device)
-        loss, metrics = simko_loss(logits[:, :-1], targets, old_logprob, advantages, mask, loss_cfg,
-                                   tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
-                                   token_normalizer=normalizer, cov_selected=cov_select)
-        count = torch.tensor(int(metrics["num_tokens"]), dtype=torch.int, device=logits.device)
+    def loss_func(mb: RLBatch, output: torch.Tensor, head=None):
+        targets, old_logprob, advantages, mask, cov_select = _shifted(mb, output.device)
+        stats = None if head is None else last_stage_token_stats(
+            output, head, targets, loss_cfg.top_k, tp_group, temperature, vocab_size, mask, loss_cfg.backend,
+            loss_cfg.chunk_tokens, loss_cfg.fused_chunk_tokens)
+        loss, metrics = simko_loss(output if head is None else None, targets, old_logprob, advantages, mask,
+                                   loss_cfg, tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
+                                   token_normalizer=normalizer, cov_selected=cov_select, stats=stats)
+        count = torch.tensor(int(metrics["num_tokens"]), dtype=torch.int, device=output.device)
         return loss, count, metrics
 
     config.finalize_model_grads_func = _finalize_grads_without_token_scaling
@@ -189,7 +220,8 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     if loss_cfg.mode in COVARIANCE_MODES:
         microbatches = with_covariance_selection(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
                                                  dp_group, selection_seed)
-    per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False)
+    per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False,
+                           fused_linear=loss_cfg.fused_linear)
     loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
     metrics = merge_metrics(per_mb) if per_mb else {}
     metrics = _reduce_metrics_over_dp(metrics, loss_sum, dp_group)
@@ -263,24 +295,26 @@ def _empty_stats(B: int, S: int, K: int, device) -> PerTokenStats:
 
 
 def _forward_only_token_stats(model_chunks, microbatches: List[RLBatch], top_k: int, vocab_size: int,
-                              temperature: float, backend: str = "auto"):
+                              temperature: float, backend: str = "auto", fused_linear: bool = False,
+                              fused_chunk_tokens: int = DEFAULT_FUSED_CHUNK_TOKENS):
     """One forward-only pass of the schedule: [(mb, valid [b, s−1], TokenStats)] on the last stage ([] elsewhere)."""
     from megatron.core import parallel_state as mpu
 
     tp_group = mpu.get_tensor_model_parallel_group()
 
-    def stats_func(mb: RLBatch, logits: torch.Tensor, non_loss_data: bool = True):
+    def stats_func(mb: RLBatch, output: torch.Tensor, head=None, non_loss_data: bool = True):
         b, s = mb.tokens.shape
-        targets = mb.tokens.to(logits.device)[:, 1:]
-        valid = torch.arange(1, s, device=logits.device) < mb.lengths.to(logits.device).unsqueeze(1)  # [b, s−1]
-        st = token_statistics(logits[:, :-1], targets, top_k, tp_group=tp_group, temperature=temperature,
-                              vocab_size=vocab_size, mask=valid, backend=backend)
-        return mb, valid, st
+        targets = shift_left(mb.tokens.to(output.device), 0)  # [b, s]: position t predicts token t + 1
+        valid = torch.arange(1, s + 1, device=output.device) < mb.lengths.to(output.device).unsqueeze(1)  # [b, s]
+        st = last_stage_token_stats(output, head, targets, top_k, tp_group, temperature, vocab_size, valid, backend,
+                                    DEFAULT_CHUNK_TOKENS, fused_chunk_tokens)
+        # the statistics of positions 0..s−2 (small [b, s(, K)] tensors; the last position predicts nothing)
+        return mb, valid[:, :-1], type(st)(*(t[:, :-1] for t in st))
 
     for chunk in model_chunks:
         chunk.eval()
     try:
-        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True)
+        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True, fused_linear=fused_linear)
     finally:
         for chunk in model_chunks:
             chunk.train()
@@ -307,7 +341,8 @@ def _scatter_stats(outputs, out: PerTokenStats) -> PerTokenStats:
 def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top_k: int, vocab_size: int,
                         temperature: float = 1.0, num_microbatches: Optional[int] = None,
                         max_tokens: Optional[int] = None,
-                        broadcast_to_all_stages: bool = False, backend: str = "auto") -> Optional[PerTokenStats]:
+                        broadcast_to_all_stages: bool = False, backend: str = "auto", fused_linear: bool = False,
+                        fused_chunk_tokens: int = DEFAULT_FUSED_CHUNK_TOKENS) -> Optional[PerTokenStats]:
     """Forward-only pass through the same schedule: per-token target log-prob, entropy and top-K.
 
     Use it for the old-policy log-probs (``old_logprob = stats.target_logprob``) and for metrics (Λ^(k)).
@@ -316,7 +351,8 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
     ``broadcast_to_all_stages`` (then every rank of this pipeline receives them: O(B·S·K) numbers per call).
     Every TP rank of the last stage returns identical statistics (the loss library merges the vocabulary
     shards). No DP communication: each DP rank computes its own batch. ``backend``: the loss backend
-    (SimKOConfig.backend) of ``token_statistics``.
+    (SimKOConfig.backend) of ``token_statistics``; ``fused_linear`` / ``fused_chunk_tokens``: statistics from the
+    hidden states without logits (SimKOConfig.fused_linear / fused_chunk_tokens).
     """
     from megatron.core import parallel_state as mpu
 
@@ -324,7 +360,8 @@ def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top
         num_microbatches = 1
     microbatches = uniform_shapes(model_chunks, make_microbatches(batch, num_microbatches, max_tokens))
     device = trainer_device()
-    outputs = _forward_only_token_stats(model_chunks, microbatches, top_k, vocab_size, temperature, backend)
+    outputs = _forward_only_token_stats(model_chunks, microbatches, top_k, vocab_size, temperature, backend,
+                                        fused_linear, fused_chunk_tokens)
 
     B, S = batch.tokens.shape
     is_last = mpu.is_pipeline_last_stage(ignore_virtual=True)
@@ -372,7 +409,7 @@ def with_covariance_selection(model_chunks, microbatches: List[RLBatch], loss_cf
     """The micro-batches with ``cov_select`` set on the last stage (unchanged elsewhere): the tokens KL-Cov
     penalises / Clip-Cov zeroes, chosen over all micro-batches of all DP ranks from the current policy's log π."""
     outputs = _forward_only_token_stats(model_chunks, microbatches, loss_cfg.top_k, vocab_size, temperature,
-                                        loss_cfg.backend)
+                                        loss_cfg.backend, loss_cfg.fused_linear, loss_cfg.fused_chunk_tokens)
     if not outputs:  # not the last pipeline stage: no loss here
         return microbatches
     device = trainer_device()
