@@ -34,25 +34,47 @@ from megatron_simko.losses import SimKOConfig, token_statistics  # noqa: E402
 from megatron_simko.metrics import gated_metrics  # noqa: E402
 
 TOL = 1e-6  # fp32 statistics vs a float64 reference: rounding only
+ROWS = base.ROWS  # vocabulary rows (divisible by the TP sizes tested)
+BASE = dict(B=12, L=32, vocab_size=ROWS, top_k=3, temperature=1.0, alpha=0.3, tau=0.8, adv="B", pad_logit=None)
 CASES = {
-    name: {**base.BASE, **over} for name, over in {
+    name: {**BASE, **over} for name, over in {
         "basic": {},
-        "per_token_adv_zeros": dict(adv="BL", temperature=0.7),
-        "padded_vocab_temperature": dict(vocab_size=base.ROWS - 5, pad_logit=10.0, temperature=1.3),
-        "spread_k4": dict(spread=True, top_k=4, adv="BL", alpha=0.05),
+        "per_token_adv_temperature": dict(adv="BL", temperature=0.85),
+        "padded_vocab_temperature": dict(vocab_size=ROWS - 5, pad_logit=30.0, temperature=1.3),
+        "k4_small_alpha": dict(top_k=4, adv="BL", alpha=0.05),
         "k1_tau_half": dict(top_k=1, tau=0.5, alpha=0.5),
-        "bf16": dict(dtype="bf16", adv="BL"),
     }.items()
 }
 
 
 def inputs_of(case: dict, seed: int = 0):
-    """make_inputs' logits, targets, mask and advantages, with some advantages exactly 0 (excluded from the split)."""
-    logits, targets, _, advantages, mask, _ = base.make_inputs(case, seed=seed)
-    if advantages.dim() == 1:
-        advantages[4] = 0.0
+    """Full logits [B, L, ROWS], targets, mask, advantages. Most tokens have one clear favourite; ~30% are forks:
+    2 or 3 ids (anywhere in the vocabulary, so on different TP shards) lifted by 6–7.5, so the gate opens mostly
+    on forks, with near-ties, clear favourites and floors both acting (2-way) and not (3-way); targets are sampled from the distribution itself (rank 1, lower
+    ranks and outside the top-K all occur); some advantages are exactly 0 (counted in "all", not in a split)."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, V = case["B"], case["L"], case["vocab_size"]
+    logits = torch.randn(B, L, ROWS, generator=g) * (0.5 + torch.rand(B, L, 1, generator=g))
+    for b in range(B):
+        for t in range(L):
+            fork = bool(torch.rand(1, generator=g) < 0.3)
+            width = (2 + int(torch.rand(1, generator=g) < 0.5)) if fork else 1
+            ids = torch.randperm(V, generator=g)[:width]
+            logits[b, t, ids] += (6.0 if fork else 7.0) + 1.5 * torch.rand(width, generator=g)
+    if case["pad_logit"] is not None:  # padding rows: the largest logits, must never count
+        logits[..., V:] = case["pad_logit"]
+    probs = torch.softmax(logits[..., :V] / case["temperature"], dim=-1)
+    targets = torch.multinomial(probs.view(-1, V), 1, generator=g).view(B, L)
+    mask = torch.rand(B, L, generator=g) > 0.15
+    mask[2] = False  # an empty response
+    mask[3] = False
+    mask[3, 0] = True  # a one-token response
+    if case["adv"] == "B":
+        advantages = torch.randn(B, generator=g)
+        advantages[0], advantages[1], advantages[4] = 1.0, -1.0, 0.0
     else:
-        advantages[torch.rand(advantages.shape, generator=torch.Generator().manual_seed(seed + 1)) < 0.2] = 0.0
+        advantages = torch.randn(B, L, generator=g)
+        advantages[torch.rand(B, L, generator=g) < 0.2] = 0.0
     return logits, targets, mask, advantages
 
 
@@ -137,7 +159,7 @@ def config_of(case: dict) -> SimKOConfig:
 def check_tp(case: dict, rank: int, world: int, group) -> list[str]:
     """Vocabulary shards over ``group`` (TP): the diagnostics from token_statistics' global top-K == reference."""
     logits, targets, mask, advantages = inputs_of(case)
-    v_local = base.ROWS // world
+    v_local = ROWS // world
     shard = logits[..., rank * v_local:(rank + 1) * v_local]
     stats = token_statistics(shard, targets, case["top_k"], group, case["temperature"], case["vocab_size"], mask=mask)
     batch = SimpleNamespace(tokens=targets, loss_mask=mask, advantages=advantages)
@@ -153,9 +175,9 @@ def check_tp(case: dict, rank: int, world: int, group) -> list[str]:
 
 def check_dp(case: dict, rank: int, world: int, group) -> list[str]:
     """Row blocks over ``group`` (DP, full vocabulary on each rank): the all-reduced diagnostics == reference."""
-    case = {**case, "B": 7}
+    case = {**case, "B": 13}
     logits, targets, mask, advantages = inputs_of(case, seed=5)
-    bounds = {1: [0, 7], 2: [0, 3, 7]}[world]
+    bounds = {1: [0, 13], 2: [0, 3, 13]}[world]  # uneven blocks; rank 1 starts with the one-token response
     rows = slice(bounds[rank], bounds[rank + 1])
     stats = token_statistics(logits[rows], targets[rows], case["top_k"], None, case["temperature"],
                              case["vocab_size"], mask=mask[rows])

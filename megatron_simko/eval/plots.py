@@ -232,7 +232,7 @@ def plot_training(runs: Mapping[str, Sequence[dict]], out_png: str) -> str:
     return _finish(fig, axes, None, out_png)
 
 
-_GATED_PANELS = (("p", "gated p_k (— k=1, -- k=2, : k=3 …)"), ("rank1_fraction", "target is rank-1"),
+_GATED_PANELS = (("p", "p_k (k = 1 —, 2 --, 3 :)"), ("rank1_fraction", "target is rank-1"),
                  ("in_topk_fraction", "target in top-K"), ("floor_fraction", "floor acting: p_K < α/K"),
                  ("alpha_share", "α gradient share (lo–hi)"), ("signal", None))
 _GATED_SIGNAL = {"pos": ("gated/signal_tokens", "gated tokens with A ≠ 0"),
@@ -276,7 +276,10 @@ def plot_gated(runs: Mapping[str, Sequence[dict]], out_png: str) -> str:
     for row, (split, sign) in enumerate((("pos", "A > 0"), ("neg", "A < 0"))):
         for ax, (panel, label) in zip(axes[row], _GATED_PANELS):
             _style(ax, f"{sign}: {label}" if label else _GATED_SIGNAL[split][1], "step")
+            ax.title.set_fontsize(9)
         axes[row][0].set_yscale("log")
+    fig.suptitle("gated tokens (w = 1), mean over seeds", fontsize=10)
+    fig.subplots_adjust(hspace=0.4, wspace=0.32)
     return _finish(fig, axes, None, out_png)
 
 
