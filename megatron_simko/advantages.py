@@ -25,6 +25,13 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = GRPO_EP
     return ((r - mean) / (std + eps)).view(-1).to(torch.float32)
 
 
+def mixed_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[G] bool: whether each GRPO group (n = group_size consecutive rewards) has unequal rewards — the groups
+    whose advantages are not all 0, i.e. the only ones that give the loss any signal."""
+    r = rewards.view(-1, group_size)
+    return r.amax(dim=1) != r.amin(dim=1)
+
+
 def minibatches_with_signal(rewards: torch.Tensor, group_size: int, dp: int, mini_batch_size: int) -> list[bool]:
     """For each optimizer mini-batch of a step, whether any of its GRPO groups has unequal rewards — if none
     has, every advantage in it is 0: the loss and its gradient are 0, and an Adam step would still move the
@@ -35,7 +42,6 @@ def minibatches_with_signal(rewards: torch.Tensor, group_size: int, dp: int, min
     if rewards.numel() % group_size or (rewards.numel() // group_size) % mini_batch_size or mini_batch_size % dp:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}, mini-batches of "
                          f"{mini_batch_size} prompts and {dp} data-parallel shares")
-    r = rewards.view(-1, group_size)
-    varies = r.amax(dim=1) != r.amin(dim=1)  # [P]
+    varies = mixed_groups(rewards, group_size)  # [P]
     m = mini_batch_size // dp
     return varies.view(dp, -1, m).any(dim=2).any(dim=0).tolist()  # [dp, mini-batches, m] → per mini-batch

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from megatron_simko.advantages import grpo_advantages
+from megatron_simko.advantages import grpo_advantages, mixed_groups
 from megatron_simko.rollout.base import RolloutResult
 from megatron_simko.rollout.consistency import pack_rollouts
 from megatron_simko.trainer.batch import RLBatch
@@ -41,13 +41,16 @@ def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float],
 
 def rollout_metrics(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor,
                     group_size: int) -> Dict[str, float]:
-    """Reward and length statistics of a (global) set of rollouts, n = group_size consecutive per prompt."""
+    """Reward and length statistics of a (global) set of rollouts, n = group_size consecutive per prompt; also
+    ``gated/mixed_group_fraction``, the fraction of GRPO groups whose rewards are not all equal (the groups with
+    any advantage ≠ 0: the signal SimKO has left, beside ``metrics.gated_metrics``)."""
     correct = (rewards > 0.5).view(-1, group_size)
     return {
         "reward/mean": float(rewards.mean()),
         "train/pass@1": float(correct.float().mean()),
         f"train/pass@{group_size}": float(correct.any(dim=1).float().mean()),
         "train/all_correct_fraction": float(correct.all(dim=1).float().mean()),
+        "gated/mixed_group_fraction": float(mixed_groups(rewards, group_size).float().mean()),
         "response/length_mean": float(lengths.float().mean()),
         "response/length_max": float(lengths.max()),
         "response/truncated_fraction": float(truncated.float().mean()),

@@ -254,7 +254,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron_simko.advantages import minibatches_with_signal
     from megatron_simko.experience import build_experience, rollout_metrics
     from megatron_simko.losses.schedule import in_grpo_warmup, loss_config_at_step
-    from megatron_simko.metrics import device_memory_metrics, reset_device_memory_peak, token_metrics
+    from megatron_simko.metrics import device_memory_metrics, gated_metrics, reset_device_memory_peak, token_metrics
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
     from megatron_simko.rollout.dynamic_sampling import collect_step_rollouts
     from megatron_simko.rollout.sharding import RolloutLayout
@@ -301,6 +301,7 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     metrics.update(logprob_mismatch(stats.target_logprob, batch.rollout_logprob, batch.loss_mask,
                                     group=mpu.get_data_parallel_group()))
     metrics.update(token_metrics(stats, batch.loss_mask, group=mpu.get_data_parallel_group()))
+    metrics.update(gated_metrics(stats, batch, cfg.loss, group=mpu.get_data_parallel_group()))  # before TIS
     entropy_hist = stats.entropy[batch.loss_mask].cpu()
     tis = truncated_importance_weights(stats.target_logprob, batch.rollout_logprob, cfg.rollout.tis_cap,
                                        batch.loss_mask)

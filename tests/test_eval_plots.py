@@ -77,12 +77,27 @@ def test_metrics_logger_keeps_fixed_bin_histograms_and_truncates_on_resume(tmp_p
     assert [json.loads(line)["step"] for line in open(tmp_path / "histograms.jsonl")] == [1]
 
 
-def fake_run(folder, mode_shift, steps=4):
+def gated_keys(step, shift, K=3):
+    """A step's ``gated/`` metrics as metrics.gated_metrics names them (values only need to be plottable)."""
+    out = {"gated/signal_tokens": 40.0 - step, "gated/mixed_group_fraction": 0.5 - 0.05 * step}
+    for split, n in (("all", 60.0), ("pos", 20.0), ("neg", 0.0 if step == 2 else 15.0)):  # an empty split at step 2
+        p1 = min(0.5 + 0.1 * step * (1 - shift), 0.95)
+        out.update({f"gated/{split}/tokens": n, f"gated/{split}/rank1_fraction": p1, f"gated/{split}/in_topk_fraction": 0.9,
+                    f"gated/{split}/floor_fraction": 0.1 * step, f"gated/{split}/alpha_share_lo": 0.02 * step,
+                    f"gated/{split}/alpha_share_hi": 0.025 * step})
+        for k in range(1, K + 1):
+            out[f"gated/{split}/p_{k}"] = p1 / 4 ** (k - 1)
+            out[f"gated/{split}/lambda_{k}"] = float(np.log(p1 / 4 ** (k - 1)))
+    return out
+
+
+def fake_run(folder, mode_shift, steps=4, gated=True):
     log = MetricsLogger(str(folder), tensorboard=False)
     gen = torch.Generator().manual_seed(len(str(folder)))
     for s in range(1, steps + 1):
         metrics = {"reward/mean": 0.2 + 0.05 * s, "train/pass@1": 0.2 + 0.05 * s,
-                   **{f"lambda/{k}": -0.1 * k * (1 + mode_shift * s) for k in (1, 2, 3)}}
+                   **{f"lambda/{k}": -0.1 * k * (1 + mode_shift * s) for k in (1, 2, 3)},
+                   **(gated_keys(s, mode_shift) if gated else {})}
         if s % 2 == 0:
             metrics.update({"val/pass@1": 0.3, "val/pass@8": 0.7})
         log.log(s, metrics, histograms={"entropy/response_tokens": torch.rand(500, generator=gen) * (3 - 0.5 * s)})
@@ -103,11 +118,26 @@ def test_every_figure_from_run_folders_and_an_evaluation(tmp_path):
                       for m, per in counts.items() for b, cs in per.items() for i, (n, c) in enumerate(cs)])
     assert len(read_passk_csv(str(ev / "passk.csv"))) == 4 * 3 * 5
     written = make_figures(str(tmp_path / "fig"), str(ev), [str(r) for r in runs])
-    assert sorted(os.path.basename(p) for p in written) == ["entropy.png", "lambda.png", "passk.png", "training.png"]
+    assert sorted(os.path.basename(p) for p in written) == ["entropy.png", "gated.png", "lambda.png", "passk.png",
+                                                            "training.png"]
     for p in written:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 5000
     assert sorted(os.listdir(tmp_path / "fig")) == sorted(os.path.basename(p) for p in written)  # no temp files
+
+
+def test_gated_figure_from_metrics_jsonl_via_the_cli(tmp_path, capsys):
+    """gated.png from run folders' metrics.jsonl (CLI); runs logged before the gated/ keys existed get none."""
+    for name, shift in (("grpo-s1", 0.0), ("simko-s1", 0.5), ("simko-s2", 0.4)):
+        fake_run(tmp_path / "runs" / name, shift)
+    assert plots_main(["--runs", *(str(p) for p in sorted((tmp_path / "runs").iterdir())),
+                       "--out-dir", str(tmp_path / "fig")]) == 0
+    png = tmp_path / "fig" / "gated.png"
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+    fake_run(tmp_path / "old" / "grpo-s1", 0.0, gated=False)
+    assert "gated.png" not in [os.path.basename(p) for p in make_figures(str(tmp_path / "f2"), None,
+                                                                         [str(tmp_path / "old" / "grpo-s1")])]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

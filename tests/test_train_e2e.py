@@ -41,6 +41,20 @@ def _train(log_dir, model_dir, *overrides):
         return [json.loads(line) for line in f], proc.stdout
 
 
+def _check_gated(m, K=3):
+    """A step's gated-token diagnostics (metrics.gated_metrics) are present and consistent with each other."""
+    assert m["gated/all/tokens"] > 0 and 0.0 <= m["gated/mixed_group_fraction"] <= 1.0
+    assert m["gated/signal_tokens"] == m["gated/pos/tokens"] + m["gated/neg/tokens"] <= m["gated/all/tokens"]
+    for split in ("all", "pos", "neg"):
+        p = [m[f"gated/{split}/p_{k}"] for k in range(1, K + 1)]
+        assert all(0.0 <= m[f"gated/{split}/{key}"] <= 1.0 for key in ("rank1_fraction", "in_topk_fraction",
+                                                                           "floor_fraction"))
+        assert m[f"gated/{split}/rank1_fraction"] <= m[f"gated/{split}/in_topk_fraction"]
+        assert m[f"gated/{split}/alpha_share_lo"] <= m[f"gated/{split}/alpha_share_hi"]
+        if m[f"gated/{split}/tokens"]:
+            assert 1.0 >= p[0] >= p[1] >= p[2] > 0.0 and sum(p) <= 1.0 + 1e-6
+
+
 @pytest.mark.slow
 def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     run_a = tmp_path / "a"
@@ -55,6 +69,7 @@ def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
                     "loss/approx_kl", "train/pass@1", "response/length_mean", "throughput/tokens_per_s"):
             assert key in m, key
         assert m["lambda/1"] >= m["lambda/2"] >= m["lambda/3"]  # Λ^(k) is ordered by rank
+        _check_gated(m)
     assert "val/pass@1" in metrics_a[1] and metrics_a[1]["val/pass@4"] >= metrics_a[1]["val/pass@1"]
     # a warm-started model gets mixed rewards, so the SimKO loss has non-zero advantages to work with
     assert any(0.0 < m["reward/mean"] < 1.0 for m in metrics_a)
@@ -63,6 +78,11 @@ def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
     assert sorted(os.listdir(ckpt)) == ["iter_0000001", "iter_0000002", "latest"]
     assert (run_a / "config.yaml").exists() and (run_a / "tensorboard").is_dir()
     assert "reward/mean" in stdout  # the closing summary
+    assert any(m["gated/signal_tokens"] > 0 for m in metrics_a)  # mixed rewards leave SimKO gated tokens to act on
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(run_a / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"gated/pos/p_1", "gated/neg/floor_fraction", "gated/mixed_group_fraction"} <= set(tags)
 
     # The end-of-run Hugging Face export (live TP shards gathered like the vLLM sync) equals an export of the
     # final dist checkpoint loaded at TP=1, tensor for tensor, and loads in transformers.

@@ -10,6 +10,11 @@
 * ``entropy.png``  histogram of response-token entropy at the first vs the last step, one panel per mode (seeds
                    pooled). From histograms.jsonl (megatron_simko/metrics.py).
 * ``training.png`` reward, train pass@1 and validation pass@k vs step, one line per mode (mean over seeds).
+* ``gated.png``    SimKO's gated tokens vs step (metrics.jsonl ``gated/`` keys, metrics.gated_metrics), one line
+                   per mode (mean over seeds); top row A > 0, bottom row A < 0: p_1..p_K (line style = rank,
+                   log scale), the fractions where the target is rank-1 / inside the top-K, the fraction where
+                   the floor α/K is acting, the α gradient share (band between its bounds), and the signal left
+                   (gated tokens with A ≠ 0; groups with mixed rewards). Written when a run logged ``gated/`` keys.
 
 A mode is a run's or model's name without its seed suffix ("simko-s2" → "simko", ``results.group_of``).
 Headless (matplotlib's Agg backend), PNG.
@@ -227,6 +232,57 @@ def plot_training(runs: Mapping[str, Sequence[dict]], out_png: str) -> str:
     return _finish(fig, axes, None, out_png)
 
 
+_GATED_PANELS = (("p", "p_k (k = 1 —, 2 --, 3 :)"), ("rank1_fraction", "target is rank-1"),
+                 ("in_topk_fraction", "target in top-K"), ("floor_fraction", "floor acting: p_K < α/K"),
+                 ("alpha_share", "α gradient share (lo–hi)"), ("signal", None))
+_GATED_SIGNAL = {"pos": ("gated/signal_tokens", "gated tokens with A ≠ 0"),
+                 "neg": ("gated/mixed_group_fraction", "groups with mixed rewards")}
+_RANK_STYLES = ("-", "--", ":", "-.")
+
+
+def _gated_series(runs: Mapping[str, Sequence[dict]], key: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over runs of ``key``, at the steps where every run logged it and had gated tokens in ``split``."""
+    count = f"gated/{split}/tokens"
+    kept = {n: [m for m in rows if m.get(count, 1) > 0] for n, rows in runs.items()}
+    return _mean_series(kept, key)
+
+
+def plot_gated(runs: Mapping[str, Sequence[dict]], out_png: str) -> str:
+    """The gated-token diagnostics vs step (see the module docstring)."""
+    plt = _pyplot()
+    groups = _groups(runs)
+    K = max((int(k.rsplit("_", 1)[1]) for m in runs.values() for row in m for k in row
+             if k.startswith("gated/pos/p_")), default=0)
+    fig, axes = plt.subplots(2, len(_GATED_PANELS), figsize=(3.3 * len(_GATED_PANELS), 6.2), squeeze=False)
+    for gi, (group, names) in enumerate(groups.items()):
+        color, mine = f"C{gi % 10}", {n: runs[n] for n in names}
+        for row, split in enumerate(("pos", "neg")):
+            for ax, (panel, _) in zip(axes[row], _GATED_PANELS):
+                if panel == "p":
+                    for k in range(K):
+                        x, y = _gated_series(mine, f"gated/{split}/p_{k + 1}", split)
+                        ax.plot(x, y, color=color, ls=_RANK_STYLES[k % len(_RANK_STYLES)],
+                                label=f"{group} ({len(names)})" if k == 0 else None)
+                elif panel == "alpha_share":
+                    x, lo = _gated_series(mine, f"gated/{split}/alpha_share_lo", split)
+                    _, hi = _gated_series(mine, f"gated/{split}/alpha_share_hi", split)
+                    if len(x):
+                        ax.fill_between(x, lo, hi, color=color, alpha=0.3, lw=0)
+                        ax.plot(x, hi, color=color, lw=1.0)
+                else:
+                    key = _GATED_SIGNAL[split][0] if panel == "signal" else f"gated/{split}/{panel}"
+                    x, y = _gated_series(mine, key, split) if panel != "signal" else _mean_series(mine, key)
+                    ax.plot(x, y, color=color, marker="o" if len(x) < 12 else None, ms=3)
+    for row, (split, sign) in enumerate((("pos", "A > 0"), ("neg", "A < 0"))):
+        for ax, (panel, label) in zip(axes[row], _GATED_PANELS):
+            _style(ax, f"{sign}: {label}" if label else _GATED_SIGNAL[split][1], "step")
+            ax.title.set_fontsize(9)
+        axes[row][0].set_yscale("log")
+    fig.suptitle("gated tokens (w = 1), mean over seeds", fontsize=10)
+    fig.subplots_adjust(hspace=0.4, wspace=0.32)
+    return _finish(fig, axes, None, out_png)
+
+
 def make_figures(out_dir: str, passk_dir: Optional[str] = None, run_dirs: Sequence[str] = ()) -> list[str]:
     """Every figure the inputs allow; returns the PNG paths written."""
     written = []
@@ -243,6 +299,8 @@ def make_figures(out_dir: str, passk_dir: Optional[str] = None, run_dirs: Sequen
             raise ValueError(f"runs without logged steps: {', '.join(empty)}")
         written.append(plot_lambda(runs, os.path.join(out_dir, "lambda.png")))
         written.append(plot_training(runs, os.path.join(out_dir, "training.png")))
+        if any(k.startswith("gated/") for m in runs.values() for row in m for k in row):
+            written.append(plot_gated(runs, os.path.join(out_dir, "gated.png")))
         hists = {os.path.basename(os.path.normpath(d)): read_histograms(d) for d in run_dirs}
         if any(hists.values()):
             written.append(plot_entropy(hists, os.path.join(out_dir, "entropy.png")))
