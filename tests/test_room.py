@@ -111,3 +111,30 @@ def test_cli_bad_input(tiny_model, tmp_path, args, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_exact_validity_oracles():
+    from megatron_simko.eval.room import COMPLETABLE
+    from megatron_simko.models.tiny import task_examples
+
+    cd = task_examples("countdown", {"min_numbers": 3, "max_numbers": 3, "min_value": 1, "max_value": 9,
+                                     "min_target": 1, "max_target": 25, "operators": ["+", "-"]}, "train", 1, 0)[0]
+    meta = cd.metadata["rg_entry"]["metadata"]
+    a, b, c = meta["numbers"]
+    ok = COMPLETABLE["countdown"]
+    brute = lambda pre, sgn: any(pre + sgn[0] * b + s * c == meta["target"] for s in (1, -1))  # noqa: E731
+    assert ok(cd, "\\boxed{") == any(sa * a + sb * b + sc * c == meta["target"] or sa * a + sb * c + sc * b ==
+                                     meta["target"] for sa in (1, -1) for sb in (1, -1) for sc in (1, -1))
+    for sign in (1, -1):
+        assert ok(cd, f"\\boxed{{{a} {'+' if sign > 0 else '-'}") == (brute(a, (sign,)) or any(
+            a + sign * c + s * b == meta["target"] for s in (1, -1)))
+    assert not ok(cd, "\\boxed{x") and not ok(cd, f"\\boxed{{{a} + + ")
+    assert ok(cd, f"\\boxed{{{a} + {b} + {c}") == (a + b + c == meta["target"])
+    g = task_examples("graph_color", {"num_colors": 3, "min_num_vertices": 6, "max_num_vertices": 6,
+                                      "edge_probability": 0.3}, "train", 1, 0)[0]
+    p = g.metadata["rg_entry"]["metadata"]["puzzle"]
+    ok = COMPLETABLE["graph_color"]
+    u, v = p["edges"][0]
+    assert ok(g, '\\boxed{{"0":') and not ok(g, '\\boxed{{"0":7') and not ok(g, '\\boxed{{"0":,"')
+    same = "".join(f'"{w}":1,' for w in sorted((u, v)))  # both ends of an edge with colour 1: never valid
+    assert not ok(g, "\\boxed{{" + same.rstrip(","))

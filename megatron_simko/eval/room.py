@@ -10,11 +10,14 @@ Measured on responses the model samples at the training temperature (1, no top-p
    known decision token (countdown: the signs; graph_color: the colours) — the share that are decisions.
 2. **What is there to keep.** Mean entropy and mean p_1..p_K (the top-K probabilities, descending) at the gated
    tokens: SimKO spreads α of a positive update over the top-K, so p_2..p_K is what it can protect.
-3. **Are the alternatives valid?** At a sample of gated tokens ("forks") each top-K candidate c_k is forced and
-   m completions are sampled (temperature 1) and scored by the task's reward: c_k is *valid* if any completion
-   scores 1. Smoothing towards an invalid candidate only spends probability on junk.
-4. **Prediction.** F = gated tokens per response × the share of measured forks with ≥ 2 valid candidates (the
-   gated forks per response). SimKO's positive update leaves each other candidate a floor of about α/K, so a
+3. **Are the alternatives valid?** Exactly, where the task allows it (`COMPLETABLE`: countdown, graph_color —
+   can the response so far, with c_k appended, still be completed to a correct answer?), at every gated token;
+   and for any task by sampling: at a sample of gated tokens ("forks") each top-K candidate c_k is forced, m
+   completions are sampled (temperature 1) and scored by the task's reward, and c_k counts as valid if any scores
+   1 (biased low when the model itself often fails to complete a valid prefix). Smoothing towards an invalid
+   candidate only spends probability on junk.
+4. **Prediction.** F = gated tokens per response × the share of gated forks with ≥ 2 valid candidates (exact
+   validity where known, else sampled). SimKO's positive update leaves each other candidate a floor of about α/K, so a
    sample leaves the mode at some fork with probability about 1 − (1 − α(K−1)/K)^F.
 5. **Visibility.** Whether an evaluation protocol (temperature T, top-p) can see an alternative of probability
    p at all: at a two-way fork (p_1 = 1 − p) it is inside the nucleus iff p_1^(1/T) / (p_1^(1/T) + p^(1/T)) <
@@ -27,10 +30,11 @@ Output: room.json and room.md (atomic), room.png. Deterministic for a seed (CPU,
 from __future__ import annotations
 
 import collections
+import itertools
 import json
-import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -103,9 +107,65 @@ def nucleus_view(logits_row, temperature: float, top_p: float, ids) -> list[floa
 
 
 DECISIONS: dict[str, Callable[[str, str], bool]] = {  # (response text before the token, token text) -> decision?
-    "countdown": lambda before, tok: tok.strip() in ("+", "-"),
+    "countdown": lambda before, tok: tok.strip() in ("+", "-", "{", "{-"),  # a sign ("{" / "{-": the first one)
     "graph_color": lambda before, tok: before.rstrip().endswith(":") and tok.strip()[:1].isdigit(),
 }
+
+
+def _graph_color_completable(example, text: str) -> bool:
+    """Can the colouring written so far (``\\boxed{{"0":1,"1":2`` …) still be completed to a valid one?"""
+    body = text.rsplit("\\boxed{", 1)[-1]
+    if not re.fullmatch(r'\{(?:"\d+":\d,)*(?:"\d+":\d?|"\d*"?)?', body):
+        return False
+    puzzle = example.metadata["rg_entry"]["metadata"]["puzzle"]
+    verts, colors = puzzle["vertices"], puzzle["color_options"]
+    fixed = {int(v): int(c) for v, c in re.findall(r'"(\d+)":(\d)', body)}
+    if any(v not in verts or c not in colors for v, c in fixed.items()):
+        return False
+    free = [v for v in verts if v not in fixed]
+    return any(all(col[u] != col[v] for u, v in puzzle["edges"])
+               for col in ({**fixed, **dict(zip(free, ch))} for ch in itertools.product(colors, repeat=len(free))))
+
+
+def _countdown_completable(example, text: str) -> bool:
+    """Can the signed sum written so far (``\\boxed{7 - 5 +`` …) still reach the target with the unused numbers
+    (+ and - only, so any order of them)?"""
+    meta = example.metadata["rg_entry"]["metadata"]
+    body = text.rsplit("\\boxed{", 1)[-1]
+    if not re.fullmatch(r"[\d\s+-]*", body):
+        return False
+    total, used, sign, expect_num = 0, [], 1, True
+    for t in re.findall(r"\d+|[+-]", body):
+        if t in "+-":
+            if not expect_num:
+                sign, expect_num = (1 if t == "+" else -1), True
+            elif not used and sign == 1 and t == "-":  # a leading unary minus
+                sign = -1
+            else:
+                return False
+        elif not expect_num:
+            return False
+        else:
+            total, sign, expect_num = total + sign * int(t), 1, False
+            used.append(int(t))
+    rest = list(meta["numbers"])
+    for n in used:
+        if n not in rest:
+            return False
+        rest.remove(n)
+    if not rest:
+        return not expect_num and total == meta["target"]
+    if not expect_num:  # the next token must be a sign: any signs
+        return any(total + sum(s * n for s, n in zip(signs, rest)) == meta["target"]
+                   for signs in itertools.product((1, -1), repeat=len(rest)))
+    first = [sign] if sign == -1 or used else [1, -1]  # the pending sign takes whichever number comes next
+    return any(total + f * rest[i] + sum(s * n for s, n in zip(signs, rest[:i] + rest[i + 1:])) == meta["target"]
+               for i in range(len(rest)) for f in first for signs in itertools.product((1, -1), repeat=len(rest) - 1))
+
+
+# Exact validity of a response prefix (example, text up to and including a candidate) -> completable?, where the
+# task allows it; the sampled test (a completion scored 1) is biased low by the model's own completion failures.
+COMPLETABLE: dict[str, Callable] = {"countdown": _countdown_completable, "graph_color": _graph_color_completable}
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -198,7 +258,7 @@ def measure(model_dir: str, data: str, settings: RoomSettings, task_config: Opti
     rep_prompts = [p for p in prompts for _ in range(s.samples)]
     rep_examples = [ex for ex in examples for _ in range(s.samples)]
     rows = token_table(model, tok, rep_prompts, responses, s.top_k, s.tau)
-    decide = DECISIONS.get(task)
+    decide, exact = DECISIONS.get(task), COMPLETABLE.get(task)
     gated, strings = [], collections.Counter()
     for b, row in enumerate(rows):
         for t in torch.nonzero(row["gate"]).flatten().tolist():
@@ -208,6 +268,9 @@ def measure(model_dir: str, data: str, settings: RoomSettings, task_config: Opti
             gated.append({"response": b, "pos": t, "token": text, "entropy": float(row["entropy"][t]),
                           "p": [float(x) for x in row["topk_p"][t]], "ids": row["topk_ids"][t].tolist(),
                           "decision": None if decide is None else bool(decide(before, text)),
+                          "valid_exact": None if exact is None else [
+                              bool(exact(rep_examples[b], tok.decode(row["ids"][:t] + [c], skip_special_tokens=True)))
+                              for c in row["topk_ids"][t].tolist()],
                           "visible_p": nucleus_view(row["logits"][t], s.eval_temperature, s.eval_top_p,
                                                     row["topk_ids"][t].tolist())})
     with RewardScorer() as scorer:
@@ -233,7 +296,9 @@ def _mean(xs) -> Optional[float]:
 def summarize(s: RoomSettings, task, cfg, style, model_dir, gated, strings, rewards, n_responses) -> dict:
     K = s.top_k
     probed = [g for g in gated if "valid_rate" in g]
-    valid_counts = [sum(r > 0 for r in g["valid_rate"]) for g in probed]
+    sampled_counts = [sum(r > 0 for r in g["valid_rate"]) for g in probed]
+    exact = bool(gated) and gated[0]["valid_exact"] is not None
+    valid_counts = [sum(g["valid_exact"]) for g in gated] if exact else sampled_counts
     per_response = len(gated) / n_responses
     fork_share = _mean(c >= 2 for c in valid_counts)
     F = per_response * (fork_share if fork_share is not None else 0.0)
@@ -245,7 +310,11 @@ def summarize(s: RoomSettings, task, cfg, style, model_dir, gated, strings, rewa
         "mean_gated_entropy": _mean(g["entropy"] for g in gated),
         "mean_p": [_mean(g["p"][k] for g in gated) for k in range(K)],
         "mean_p2_plus_p3": _mean(sum(g["p"][1:3]) for g in gated),
-        "forks_probed": len(probed), "mean_valid_candidates": _mean(valid_counts),
+        "forks_probed": len(probed), "validity": "exact" if exact else "sampled",
+        "mean_valid_candidates": _mean(valid_counts), "mean_valid_candidates_sampled": _mean(sampled_counts),
+        "valid_share_by_rank": [_mean(g["valid_exact"][k] for g in gated) for k in range(K)] if exact else None,
+        "mean_invalid_topk_mass": _mean(sum(p for p, v in zip(g["p"], g["valid_exact"]) if not v) for g in gated)
+        if exact else None,
         "valid_rate_by_rank": [_mean(g["valid_rate"][k] for g in probed) for k in range(K)],
         "share_forks_2plus_valid": fork_share, "gated_forks_per_response": F,
         "predicted_deviation": predicted_deviation(s.alpha, K, F),
@@ -290,10 +359,15 @@ def room_markdown(rec: dict) -> str:
             ("mean entropy at gated tokens (nats)", m["mean_gated_entropy"], "mean_gated_entropy"),
             *[(f"mean p_{k + 1} at gated tokens", m["mean_p"][k], None) for k in range(K)],
             ("mean p_2 + p_3 at gated tokens", m["mean_p2_plus_p3"], "mean_p2_plus_p3"),
-            ("valid candidates among the top-K (forced)", m["mean_valid_candidates"], "mean_valid_candidates"),
+            (f"valid candidates among the top-K ({m['validity']})", m["mean_valid_candidates"],
+             "mean_valid_candidates"),
+            *([(f"rank-{k + 1} candidate valid (exact share)", m["valid_share_by_rank"][k], None) for k in range(K)]
+              + [("top-K mass on invalid candidates", m["mean_invalid_topk_mass"], None)]
+              if m["validity"] == "exact" else []),
+            ("valid candidates, sampled (≥ 1 of m completions scores 1)", m["mean_valid_candidates_sampled"], None),
             *[(f"completion success after rank-{k + 1} candidate", m["valid_rate_by_rank"][k], None)
               for k in range(K)],
-            ("share of forks with ≥ 2 valid candidates", m["share_forks_2plus_valid"], None),
+            (f"share of gated forks with ≥ 2 valid candidates ({m['validity']})", m["share_forks_2plus_valid"], None),
             ("F: valid gated forks per response", m["gated_forks_per_response"], None),
             ("predicted deviation 1 − (1 − α(K−1)/K)^F", m["predicted_deviation"], None),
             ("SimKO floor α/K", m["floor_alpha_over_k"], None),
