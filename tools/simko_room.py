@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_simko.eval.room import PROTOCOLS, RoomError, RoomSettings, measure, room_markdown, write_report  # noqa: E402
+from megatron_simko.eval.room import (PROTOCOLS, RoomError, RoomSettings, measure, room_markdown,  # noqa: E402
+                                      write_report)
 
 
 def main(argv=None) -> int:

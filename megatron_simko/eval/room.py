@@ -79,7 +79,7 @@ class RoomSettings:
 
 # ------------------------------------------------------------------------------------------ formulas
 def predicted_deviation(alpha: float, top_k: int, forks_per_response: float) -> float:
-    """1 − (1 − α(K−1)/K)^F: the chance a sample leaves the mode at one of F forks held at the floor α/K each."""
+    """1 − (1 − α(K−1)/K)^F: the chance a sample leaves the mode at one of F forks (each at the floor α/K)."""
     return 1.0 - (1.0 - alpha * (top_k - 1) / top_k) ** forks_per_response
 
 
@@ -325,7 +325,8 @@ def summarize(s: RoomSettings, task, cfg, style, model_dir, gated, strings, rewa
     }
     gate_checks = {name: (None if m[name] is None else m[name] >= thr) for name, thr in ROOM_GATE}
     return {"model": model_dir, "task": task, "task_config": cfg, "prompt_style": style, "settings": asdict(s),
-            "metrics": m, "gate": gate_checks, "gate_thresholds": dict(ROOM_GATE), "verdict": verdict(s, m, gate_checks),
+            "metrics": m, "gate": gate_checks, "gate_thresholds": dict(ROOM_GATE),
+            "verdict": verdict(s, m, gate_checks),
             "gated_token_strings": strings.most_common(20), "gated": gated}
 
 

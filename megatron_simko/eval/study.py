@@ -351,7 +351,8 @@ class Study:
                 rec = json.load(fh)
             m = rec["metrics"]
             lines.append(f"| {name} | {f(m['gated_per_response'])} | {f(m['decision_share'])} | "
-                         f"{f(m['mean_gated_entropy'])} | {f(m['mean_p2_plus_p3'])} | {f(m['mean_valid_candidates'])} | "
+                         f"{f(m['mean_gated_entropy'])} | {f(m['mean_p2_plus_p3'])} | "
+                         f"{f(m['mean_valid_candidates'])} | "
                          f"{f(m['gated_forks_per_response'])} | {f(m['predicted_deviation'])} | "
                          f"{rec['verdict'].split(':')[0]} |")
         head = "## Room (tools/simko_room.py; room/<model>/room.md)\n\n"
