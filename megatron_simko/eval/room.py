@@ -35,6 +35,7 @@ import json
 import os
 import random
 import re
+import textwrap
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -402,6 +403,8 @@ def room_figure(rec: dict, path: str) -> str:
     ax[1].bar(ranks, m["mean_p"], color="tab:orange", label="mean p_k (T = 1)")
     ax[1].bar(ranks, [x or 0 for x in m["valid_rate_by_rank"]], width=0.4, color="tab:green",
               label="success after forcing c_k")
+    if m.get("valid_share_by_rank"):
+        ax[1].plot(ranks, m["valid_share_by_rank"], "kD", label="c_k valid (exact share)")
     ax[1].axhline(m["floor_alpha_over_k"], color="tab:red", lw=1, label="floor α/K")
     ax[1].axhline(m["visibility_threshold"], color="k", ls=":", lw=1, label="visibility threshold")
     ax[1].set(title="top-K at gated tokens", ylim=(0, 1))
@@ -409,7 +412,7 @@ def room_figure(rec: dict, path: str) -> str:
     top = rec["gated_token_strings"][:10]
     ax[2].barh([repr(t) for t, _ in top][::-1], [n for _, n in top][::-1], color="tab:purple")
     ax[2].set(title="where the gate lands", xlabel="count")
-    fig.suptitle(rec["verdict"][:150], fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(rec["verdict"], 160)), fontsize=8)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
