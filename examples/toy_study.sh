@@ -10,6 +10,12 @@
 #   bash examples/toy_study.sh                    # the study (examples/configs/toy_study.yaml)
 #   bash examples/toy_study.sh --variant smoke    # the whole pipeline in minutes (2 steps, n = 8)
 #   bash examples/toy_study.sh --out-dir DIR      # elsewhere
+#
+# The second study (graph_color, a task with real forks; docs/toy_study.md, "Second study"): the same driver with
+# its own config (a later --config replaces the default one):
+#   bash examples/toy_study.sh --config examples/configs/graph_study.yaml                    # the study
+#   bash examples/toy_study.sh --config examples/configs/graph_study.yaml --variant lr_dev   # lr calibration (dev)
+#   bash examples/toy_study.sh --config examples/configs/graph_study.yaml --variant smoke    # pipeline in minutes
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

@@ -27,7 +27,12 @@ def leaves_nothing_in_dev_shm():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """tools/make_tiny_model.py's model (briefly supervised on chain_sum, so RL rewards are mixed)."""
+    """tools/make_tiny_model.py's model (briefly supervised on chain_sum, so RL rewards are mixed). On a loaded
+    machine, MEGATRON_SIMKO_TINY_MODEL=<a folder tools/make_tiny_model.py made> reuses one instead of building it."""
+    prebuilt = os.environ.get("MEGATRON_SIMKO_TINY_MODEL")
+    if prebuilt:
+        assert os.path.isfile(os.path.join(prebuilt, "tiny_model.json")), f"{prebuilt}: not a tiny model folder"
+        return os.path.abspath(prebuilt)
     out = tmp_path_factory.mktemp("tiny") / "model"
     proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--out-dir", str(out), "--sft-steps", "150",
                            "--eval-prompts", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -130,3 +130,62 @@ def test_ablation_modes_are_reported_in_their_own_table():
     ablation, every = rest.split("Every model:")
     assert "| simko_a03 | 1 | 0.900 ± 0.000 |" in ablation and "grpo" not in ablation
     assert "| simko_a03-s1 | 0.900 |" in every and "| grpo-s2 | 0.700 |" in every
+
+
+# ------------------------------------------------------------------ the second study (graph_color, issue 19)
+GRAPH = os.path.join(ROOT, "examples", "configs", "graph_study.yaml")
+
+
+def test_graph_study_config_declares_the_protocol_arms():
+    from megatron_simko.eval.study import Study, load_study_config, run_names, train_overrides
+
+    cfg = load_study_config(GRAPH)
+    assert {m: s["overrides"] for m, s in cfg["modes"].items()} == {
+        "grpo": ["loss.mode=grpo"], "simko": ["loss.mode=simko"], "simko_a03": ["loss.mode=simko", "loss.alpha=0.3"],
+        "entropy_adv": ["loss.mode=entropy_adv"], "kl_cov": ["loss.mode=kl_cov"]}
+    assert all(s["seeds"] == [1, 2, 3] for s in cfg["modes"].values())
+    e = cfg["eval"]
+    assert (e["protocol"], e["n"], e["exclude_data_seeds"]) == ("train", 256, [1000])
+    assert e["secondary"]["protocol"] == "paper"
+    study = Study(cfg, GRAPH, log=lambda m: None)
+    for name, mode, seed in run_names(cfg):  # every run's training config resolves
+        t = study._train_config(train_overrides(cfg, mode, seed, study.out))
+        assert t.loss.mode == mode.replace("simko_a03", "simko") and t.train.seed == seed
+    dev = load_study_config(GRAPH, "lr_dev")
+    assert dev["eval"]["data_seed"] == 1000 and set(dev["modes"]) == {"grpo_lr1e4", "grpo_lr3e4", "grpo_lr1e3"}
+
+
+def test_graph_color_sft_targets_are_uniform_over_valid_colourings():
+    """Every SFT target is a valid colouring (reasoning-gym's scorer), and over many problems the first vertex's
+    colour is spread over all three colours (not the greedy first colouring, which always starts with colour 1)."""
+    import collections
+
+    from megatron_simko.models.tiny import DEFAULT_TASK_CONFIGS, response_text, task_examples, uniform_coloring
+    from megatron_simko.rewards import score_response
+
+    exs = task_examples("graph_color", DEFAULT_TASK_CONFIGS["graph_color"], "train", 300, 0, "compact")
+    assert exs[0].prompt.startswith("Color 0-5 with 1-3. Edges: ")
+    assert all(score_response(response_text(ex, "graph_color"), ex) == 1.0 for ex in exs[:100])
+    assert uniform_coloring(exs[0]) == uniform_coloring(exs[0])  # fixed per problem
+    first = collections.Counter(uniform_coloring(ex)["0"] for ex in exs)
+    assert set(first) == {1, 2, 3} and min(first.values()) > 70  # ≈ 100 each
+
+
+@pytest.mark.slow
+def test_graph_study_smoke(tmp_path):
+    out = tmp_path / "graph"
+    proc = subprocess.run([PY, "-m", "megatron_simko.eval.study", "--config", GRAPH, "--variant", "smoke",
+                           "--out-dir", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    heldout = [json.loads(line) for line in open(out / "heldout.jsonl")]
+    assert len(heldout) == 4 and all(r["data_source"] == "reasoning_gym/graph_color" for r in heldout)
+    for name in ("grpo-s1", "simko_a03-s1"):
+        assert (out / "runs" / name / "hf_final" / "config.json").exists()
+    for suffix in ("", "_paper"):
+        with open(out / f"passk{suffix}" / "passk.csv") as f:
+            assert {r["model"] for r in csv.DictReader(f)} == {"base", "grpo-s1", "simko_a03-s1"}
+    for name in ("base", "grpo-s1", "simko_a03-s1"):  # the room before and after RL
+        rec = json.load(open(out / "room" / name / "room.json"))
+        assert rec["task"] == "graph_color" and rec["verdict"] and (out / "room" / name / "room.png").exists()
+    table = (out / "table.md").read_text()
+    assert "## Room" in table and "| simko_a03-s1 |" in table.split("## Room")[1]

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON dict of reasoning-gym task options (default: the built-in one for the task: "
                          + "; ".join(f"{t}: {json.dumps(c)}" for t, c in DEFAULT_TASK_CONFIGS.items()) + ")")
     ap.add_argument("--prompt-style", choices=PROMPT_STYLES, default=d.prompt_style,
-                    help="task: reasoning-gym's question; compact (countdown): 'Make 6 from 8, 1, 3.' (RL and "
+                    help="task: reasoning-gym's question; compact (countdown: 'Make 6 from 8, 1, 3.'; graph_color: "
+                         "'Color 0-5 with 1-3. Edges: 0-3 2-5.') (RL and "
                          "evaluation must present problems the same way)")
     ap.add_argument("--num-layers", type=int, default=d.num_layers)
     ap.add_argument("--sft-steps", type=int, default=d.sft_steps,

@@ -16,6 +16,9 @@ checkpoints, since the trainer's checkpoint.resume defaults to auto):
                        ``hf_final/config.json`` exists
 4. ``passk/``          tools/eval_passk.py: base + every final model on heldout.jsonl (resumable itself); with
                        ``eval.secondary`` the same again at other sampling settings into ``passk_<name>/``
+4b. ``room/<model>/``   with a ``room`` section ({args: [tools/simko_room.py options]}): the room report
+                       (eval/room.py) on the base and on each mode's first-seed final model — the room before and
+                       after RL
 5. ``figures/``, ``table.md``  eval/plots.py; pass@k mean ± std over seeds per mode (results.group_table), one
                        section per evaluation (``figures_<name>/passk.png`` for the secondary one)
 
@@ -42,7 +45,7 @@ from .results import (format_group_table, format_model_table, group_table, read_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOP_KEYS = ("out_dir", "task", "model", "train_config", "train_overrides", "nproc", "threads", "parallel_runs",
-            "modes", "eval", "variants")
+            "modes", "eval", "room", "variants")
 TASK_KEYS = ("name", "config", "prompt_style", "train_size", "train_seed", "validation_size")
 EVAL_KEYS = ("size", "data_seed", "exclude_data_seeds", "n", "samples_per_round", "protocol", "temperature", "top_p",
              "max_tokens", "seed", "table_ks", "secondary")
@@ -111,6 +114,10 @@ def load_study_config(path: str, variant: Optional[str] = None, out_dir: Optiona
                              f"ablation: true, reported in its own table)")
         if not str(mode).replace("_", "").isalnum():
             raise StudyError(f"{path}: mode name {mode!r}: letters, digits and '_' only")
+    room = cfg.get("room")
+    if room is not None and (not isinstance(room, dict) or set(room) - {"args"}
+                             or not all(isinstance(a, str) for a in room.get("args", []))):
+        raise StudyError(f"{path}: room must be {{args: [tools/simko_room.py options as strings]}} or null")
     cfg.setdefault("train_overrides", [])
     cfg.setdefault("nproc", 1)
     cfg.setdefault("threads", 1)
@@ -310,6 +317,47 @@ class Study:
             self.log(f"== pass@k evaluation, {label} (resumes what is on disk)")
             self._run(cmd, os.path.join(self.out, "logs", f"eval{suffix}.log"), f"the {label} pass@k evaluation")
 
+    # 4b
+    def room_targets(self) -> list[tuple[str, str]]:
+        """(name, model folder): the base, then each mode's first-seed final model."""
+        return [("base", self.model_dir)] + [
+            (f"{mode}-s{spec['seeds'][0]}", os.path.join(self.out, "runs", f"{mode}-s{spec['seeds'][0]}", "hf_final"))
+            for mode, spec in self.cfg["modes"].items()]
+
+    def room(self) -> None:
+        if not self.cfg.get("room"):
+            return
+        t = self.cfg["task"]
+        for name, model in self.room_targets():
+            out = os.path.join(self.out, "room", name)
+            if os.path.isfile(os.path.join(out, "room.json")):
+                continue
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "simko_room.py"), "--model", model, "--data",
+                   f"reasoning_gym/{t['name']}", "--task-config", json.dumps(t["config"]), "--out-dir", out,
+                   *self.cfg["room"].get("args", [])]
+            self.log(f"== room report: {name}")
+            self._run(cmd, os.path.join(self.out, "logs", f"room_{name}.log"), f"the room report of {name}")
+
+    def room_table(self) -> str:
+        """The room numbers before (base) and after RL (each mode's first seed), if the room step ran."""
+        lines = ["| model | gated/response | decision share | gated entropy | p_2 + p_3 | valid candidates | "
+                 "F | predicted deviation | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+        for name, _ in self.room_targets():
+            path = os.path.join(self.out, "room", name, "room.json")
+            if not os.path.isfile(path):
+                continue
+            with open(path, encoding="utf-8") as fh:
+                rec = json.load(fh)
+            m = rec["metrics"]
+            lines.append(f"| {name} | {f(m['gated_per_response'])} | {f(m['decision_share'])} | "
+                         f"{f(m['mean_gated_entropy'])} | {f(m['mean_p2_plus_p3'])} | "
+                         f"{f(m['mean_valid_candidates'])} | "
+                         f"{f(m['gated_forks_per_response'])} | {f(m['predicted_deviation'])} | "
+                         f"{rec['verdict'].split(':')[0]} |")
+        head = "## Room (tools/simko_room.py; room/<model>/room.md)\n\n"
+        return "" if len(lines) == 2 else head + "\n".join(lines) + "\n"
+
     # 5
     def report(self) -> None:
         from .plots import make_figures
@@ -329,7 +377,7 @@ class Study:
                          + study_table(rows, table, ks, ablations, e["size"], e["n"]))
             self.record["table" + suffix] = [{**{k: v for k, v in t.items() if not isinstance(k, int)},
                                               **{f"pass@{k}": t[k] for k in ks if k in t}} for t in table]
-        text = "\n".join(texts)
+        text = "\n".join(texts + ([self.room_table()] if self.cfg.get("room") else []))
         write_text_atomic(os.path.join(self.out, "table.md"), text)
         self.log(text)
 
@@ -340,6 +388,7 @@ class Study:
         self._timed("data", self.make_data)
         self._timed("train", self.train_all)
         self._timed("eval", self.evaluate)
+        self._timed("room", self.room)
         self._timed("report", self.report)
         self.record["seconds"]["total_this_invocation"] = round(time.perf_counter() - t0, 1)
         self._save_record()

@@ -39,6 +39,7 @@ DEFAULT_TASK_CONFIGS = {
     "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
     "countdown": {"min_numbers": 3, "max_numbers": 3, "min_value": 1, "max_value": 9, "min_target": 1,
                   "max_target": 25, "operators": ["+", "-"]},
+    "graph_color": {"num_colors": 3, "min_num_vertices": 6, "max_num_vertices": 6, "edge_probability": 0.3},
 }
 STOP_METRICS = ("expected", "sampled")
 PROMPT_STYLES = ("task", "compact")
@@ -68,7 +69,23 @@ def response_text(example, task: str) -> str:
         meta = example.metadata["rg_entry"]["metadata"]
         expr = signed_sum(meta["numbers"], meta["target"])
         return f"\\boxed{{{expr if expr is not None else example.answer}}}."
+    if task == "graph_color":
+        return "\\boxed{" + json.dumps(uniform_coloring(example), separators=(",", ":")) + "}."
     return f"The answer is \\boxed{{{example.answer}}}."
+
+
+def uniform_coloring(example) -> dict:
+    """graph_color: a colouring drawn uniformly from ALL valid ones (fixed per problem: the RNG is seeded by the
+    problem's split seed and index), {"0": c, ...} — so an SFT on it spreads the model over the valid colours at
+    each vertex instead of teaching the greedy first colouring reasoning-gym stores."""
+    import random
+
+    puzzle = example.metadata["rg_entry"]["metadata"]["puzzle"]
+    vertices, colors = puzzle["vertices"], puzzle["color_options"]
+    valid = [c for c in itertools.product(colors, repeat=len(vertices))
+             if all(c[vertices.index(u)] != c[vertices.index(v)] for u, v in puzzle["edges"])]
+    rng = random.Random(f"{example.metadata.get('rg_seed')}-{example.metadata.get('rg_index')}")
+    return {str(v): c for v, c in zip(vertices, rng.choice(valid))}
 
 
 def signed_sum(numbers, target) -> Optional[str]:
@@ -90,7 +107,13 @@ def restyle(example, task: str, style: str):
         meta = example.metadata["rg_entry"]["metadata"]
         numbers = ", ".join(map(str, meta["numbers"]))
         return dataclasses.replace(example, prompt=f"Make {meta['target']} from {numbers}.")
-    raise ValueError(f"prompt style {style!r} is not defined for task {task!r} (styles: task; compact for countdown)")
+    if style == "compact" and task == "graph_color":  # "Color 0-5 with 1-3. Edges: 0-3 2-5 4-5."
+        p = example.metadata["rg_entry"]["metadata"]["puzzle"]
+        edges = " ".join(f"{u}-{v}" for u, v in p["edges"]) or "none"
+        return dataclasses.replace(example, prompt=f"Color {p['vertices'][0]}-{p['vertices'][-1]} with "
+                                                   f"{p['color_options'][0]}-{p['color_options'][-1]}. Edges: {edges}.")
+    raise ValueError(f"prompt style {style!r} is not defined for task {task!r} (styles: task; compact for countdown "
+                     f"and graph_color)")
 
 
 def task_examples(task: str, task_config: dict, split: str, size: int, seed: int, style: str = "task") -> list:
@@ -273,16 +296,12 @@ def sft(model, data, pad_id: int, steps: int, seed: int, batch_size: int, lr: fl
             "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
 
 
-def measure_accuracy(model, tok, task: str, task_config: dict, n_prompts: int, n_samples: int, seed: int,
-                     max_new_tokens: int = 32, verbose: bool = True, style: str = "task") -> float:
-    """Per-response accuracy of temperature-1.0 samples (no top-k / top-p) on validation-split prompts,
-    scored by the repo's reward function (the one RL uses)."""
+def sample_responses(model, tok, prompts: list[list[int]], n_samples: int, seed: int, max_new_tokens: int = 32,
+                     temperature: float = 1.0) -> list[list[int]]:
+    """n_samples responses per prompt (prompt-major), sampled with Hugging Face generate (no top-k / top-p),
+    each the generated ids up to and including eos (none if it never stopped). Deterministic for a seed."""
     import torch
-    from megatron_simko.data import render_prompt
-    from megatron_simko.rewards import RewardScorer
 
-    examples = task_examples(task, task_config, "validation", n_prompts, seed, style)
-    prompts = [tok.encode(render_prompt(ex, tok)) for ex in examples]
     T = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), T), tok.pad_id, dtype=torch.long)  # (P, T), left-padded
     attn = torch.zeros((len(prompts), T), dtype=torch.long)
@@ -291,10 +310,26 @@ def measure_accuracy(model, tok, task: str, task_config: dict, n_prompts: int, n
         attn[b, T - len(p):] = 1
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n_samples,
+        out = model.generate(input_ids=input_ids, attention_mask=attn, do_sample=True, temperature=temperature,
+                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n_samples,
                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # (P * n_samples, T + new)
-    responses = [tok.decode(row[T:].tolist(), skip_special_tokens=True) for row in out]
+    responses = []
+    for row in out[:, T:].tolist():
+        responses.append(row[:row.index(tok.eos_id) + 1] if tok.eos_id in row else row)
+    return responses
+
+
+def measure_accuracy(model, tok, task: str, task_config: dict, n_prompts: int, n_samples: int, seed: int,
+                     max_new_tokens: int = 48, verbose: bool = True, style: str = "task") -> float:
+    """Per-response accuracy of temperature-1.0 samples (no top-k / top-p) on validation-split prompts,
+    scored by the repo's reward function (the one RL uses)."""
+    from megatron_simko.data import render_prompt
+    from megatron_simko.rewards import RewardScorer
+
+    examples = task_examples(task, task_config, "validation", n_prompts, seed, style)
+    prompts = [tok.encode(render_prompt(ex, tok)) for ex in examples]
+    responses = [tok.decode(r, skip_special_tokens=True)
+                 for r in sample_responses(model, tok, prompts, n_samples, seed, max_new_tokens)]
     with RewardScorer() as scorer:
         rewards = scorer.score(responses, [ex for ex in examples for _ in range(n_samples)])
     for r, x in list(zip(responses, rewards))[:: max(1, len(responses) // 4)] if verbose else []:
@@ -349,8 +384,10 @@ class TinyModelSpec:
         metric = self.stop_metric or ("expected" if self.task == "chain_sum" else "sampled")
         if metric not in STOP_METRICS:
             raise ValueError(f"stop_metric must be one of {STOP_METRICS}, got {metric!r}")
-        if self.prompt_style not in PROMPT_STYLES or (self.prompt_style == "compact" and self.task != "countdown"):
-            raise ValueError(f"prompt_style {self.prompt_style!r}: one of {PROMPT_STYLES}; compact is for countdown")
+        if self.prompt_style not in PROMPT_STYLES or (self.prompt_style == "compact"
+                                                      and self.task not in ("countdown", "graph_color")):
+            raise ValueError(f"prompt_style {self.prompt_style!r}: one of {PROMPT_STYLES}; compact is for countdown "
+                             f"and graph_color")
         if self.sft_steps < 0 or self.num_layers < 1:
             raise ValueError("sft_steps must be >= 0 and num_layers >= 1")
         return TinyModelSpec(**{**asdict(self), "task_config": task_config, "stop_metric": metric})
