@@ -65,8 +65,8 @@ def test_every_artifact_is_produced_and_well_formed(smoke):
     assert all(0.0 <= float(r["pass_at_k"]) <= 1.0 and r["n"] == "8" and r["num_problems"] == "4" for r in rows)
     for m in models:
         assert len(os.listdir(out / "passk" / "samples" / m / "heldout")) == 2  # n = 8 in rounds of 4
-    for fig in ("figures/passk.png", "figures/lambda.png", "figures/entropy.png", "figures/training.png", "figures/gated.png",
-                "figures_t1/passk.png"):
+    for fig in ("figures/passk.png", "figures/lambda.png", "figures/entropy.png", "figures/training.png",
+                "figures/gated.png", "figures_t1/passk.png"):
         with open(out / fig, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(out / "passk_t1" / "passk.csv") as f:  # the secondary evaluation: same models, temperature 1
