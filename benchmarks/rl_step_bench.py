@@ -146,7 +146,7 @@ def format_table(rows: Sequence[dict], peak_gflops: Optional[float]) -> str:
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * (head.count(" | ") - 1))
             continue
         ratio = "–" if r.get("ratio_to_trl") is None else f"{r['ratio_to_trl']:.2f}"
         lines.append(f"| {r['label']} | {sec(r['s_per_step'])} | " + " | ".join(sec(r[p]) for p in PHASES)
@@ -226,7 +226,7 @@ def _run_logged(cmd: List[str], log_path: str, env: dict, timeout: float) -> Non
         raise RuntimeError(f"exit {proc.returncode}: {tail[0][:200]} (log: {log_path})")
 
 
-def ensure_model(work_dir: str, threads: int) -> str:
+def ensure_model(work_dir: str) -> str:
     """The quickstart's tiny model, built as examples/quickstart.sh builds it (once per work dir)."""
     model = os.path.join(work_dir, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
@@ -272,10 +272,9 @@ def ensure_trl_python(work_dir: str) -> str:
     print(f"== installing {' '.join(specs[1:])} into {venv} (first use; a few minutes)", flush=True)
     log = os.path.join(work_dir, "trl_install.log")
     base = shutil.which("python3.11") or sys.executable
-    _run_logged([base, "-m", "venv", venv], log, dict(os.environ), timeout=600)
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    _run_logged(pip + [specs[0]], log + ".torch", dict(os.environ), timeout=3600)
-    _run_logged(pip + specs, log, dict(os.environ), timeout=3600)
+    for i, cmd in enumerate(([base, "-m", "venv", venv], pip + specs[:1], pip + specs)):  # torch alone first
+        _run_logged(cmd, f"{log}.{i}", dict(os.environ), timeout=3600)
     with open(stamp, "w", encoding="utf-8") as f:
         f.write(" ".join(specs))
     return python
@@ -350,6 +349,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--steps {args.steps}: the medians start at step {FIRST_TIMED_STEP}; give at least that")
     if args.threads < 1 or any(args.threads % SYSTEMS[s].processes for s in args.systems):
         p.error(f"--threads {args.threads}: must be >= 1 and divisible by every chosen system's process count")
+    if args.model_dir and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        p.error(f"--model-dir {args.model_dir}: no config.json there (a tools/make_tiny_model.py output)")
     if "trl" not in args.systems:
         refuse_flags(p, args, ("trl_python",), "applies to the trl system only (add trl to --systems)")
     return args
@@ -359,7 +360,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
-    model = os.path.abspath(args.model_dir) if args.model_dir else ensure_model(work, args.threads)
+    try:
+        model = os.path.abspath(args.model_dir) if args.model_dir else ensure_model(work)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"error: building the tiny model failed: {exc}", file=sys.stderr)
+        return 1
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         params = matmul_params(json.load(f))
     info = machine_info()
