@@ -24,8 +24,9 @@ the phases are medians of their own (they need not add up to s / step); ratio = 
 (prompt + response tokens of the step's 128 sequences) ÷ that step's wall time. Model FLOP/s, with
 P = the parameters of the model's matrix multiplications (every Linear: q, k, v, o, gate, up, down in each layer,
 and the output head; not the embedding lookup, norms or biases) and T = the step's prompt + response tokens:
-train = 6·P·T ÷ time/train (forward + backward, 2 updates × half the tokens each), old log-prob = 2·P·T ÷
-time/old_logprob (forward only). Attention's score and value products (≈ 4·layers·sequence·hidden per token)
+train = 6·P·T ÷ time/train (forward + backward, 2 updates × half the tokens each; an update ours skips for lack
+of reward signal is not counted, and the output says how many were), old log-prob = 2·P·T ÷ time/old_logprob
+(forward only), each the median over the steps. Attention's score and value products (≈ 4·layers·sequence·hidden per token)
 are left out, as is padding. Beside them, the machine's own peak measured in the same run: the best of repeated
 square fp32 matmuls (2·n³ FLOP) on --threads threads in one process — the whole machine's budget, which the TP 2
 rows share between two processes. Exit status: 0 all systems ran, 1 some failed (their rows say why), 2 bad input.
@@ -92,11 +93,14 @@ def model_flops(params: int, tokens: float, backward: bool) -> float:
     return (6.0 if backward else 2.0) * params * tokens
 
 
-def step_medians(path: str, first: int, last: int) -> Dict[str, Optional[float]]:
+def step_medians(path: str, first: int, last: int, params: int) -> Dict[str, Optional[float]]:
     """Medians over RL steps first..last of a metrics.jsonl (the trainer's format: one JSON object per step with
-    "step", "time" = wall clock when logged, "time/<phase>", "time/step", "throughput/tokens_per_s"):
-    each phase (None if the file has no such key), "s_per_step" (wall time since the previous step's record),
-    "tokens_per_step" and "tokens_per_s" (tokens ÷ that wall time). ValueError naming what is missing."""
+    "step", "time" = wall clock when logged, "time/<phase>", "time/step", "throughput/tokens_per_s", and ours
+    "train/skipped_updates"): each phase (None if the file has no such key); "s_per_step" (wall time since the
+    previous step's record); "tokens_per_step"; "tokens_per_s" (tokens ÷ that wall time); "train_gflops" and
+    "logprob_gflops" (model FLOP/s of a P-parameter model, `model_flops`; the train count covers only the updates
+    that ran — ours skips a mini-batch without reward signal — and steps where none ran are left out);
+    "skipped_updates" (the window's total). ValueError naming what is missing."""
     if first < 2 or last < first:
         raise ValueError(f"steps {first}..{last}: need 2 <= first <= last (a step's wall time needs the step before)")
     records = {}
@@ -111,24 +115,26 @@ def step_medians(path: str, first: int, last: int) -> Dict[str, Optional[float]]
     steps = [records[s] for s in range(first, last + 1)]
     walls = [records[s]["time"] - records[s - 1]["time"] for s in range(first, last + 1)]
     tokens = [r["throughput/tokens_per_s"] * r["time/step"] for r in steps]
+    skipped = [r.get("train/skipped_updates", 0.0) for r in steps]
     out: Dict[str, Optional[float]] = {
         p: statistics.median(r[f"time/{p}"] for r in steps) if all(f"time/{p}" in r for r in steps) else None
         for p in PHASES}
     out["s_per_step"] = statistics.median(walls)
     out["tokens_per_step"] = statistics.median(tokens)
     out["tokens_per_s"] = statistics.median(t / w for t, w in zip(tokens, walls))
+    trained = [(1 - k / UPDATES_PER_STEP) * model_flops(params, t, backward=True) / r["time/train"] / 1e9
+               for r, t, k in zip(steps, tokens, skipped) if k < UPDATES_PER_STEP and r.get("time/train")]
+    forward = [model_flops(params, t, backward=False) / r["time/old_logprob"] / 1e9
+               for r, t in zip(steps, tokens) if r.get("time/old_logprob")]
+    out["train_gflops"] = statistics.median(trained) if trained else None
+    out["logprob_gflops"] = statistics.median(forward) if forward else None
+    out["skipped_updates"] = float(sum(skipped))
     return out
 
 
-def derived(row: dict, params: int, trl_s_per_step: Optional[float]) -> dict:
-    """A measured row plus ratio to TRL and model GFLOP/s of the train and old log-prob phases."""
-    out = dict(row)
-    t = row["tokens_per_step"]
-    out["ratio_to_trl"] = row["s_per_step"] / trl_s_per_step if trl_s_per_step else None
-    out["train_gflops"] = model_flops(params, t, backward=True) / row["train"] / 1e9 if row.get("train") else None
-    out["logprob_gflops"] = (model_flops(params, t, backward=False) / row["old_logprob"] / 1e9
-                             if row.get("old_logprob") else None)
-    return out
+def with_ratio(row: dict, trl_s_per_step: Optional[float]) -> dict:
+    """A measured row plus its s / step as a multiple of TRL's (None without TRL)."""
+    return {**row, "ratio_to_trl": row["s_per_step"] / trl_s_per_step if trl_s_per_step else None}
 
 
 def format_table(rows: Sequence[dict], peak_gflops: Optional[float]) -> str:
@@ -385,15 +391,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 metrics = run_trl(python, model, run_dir, args.steps, args.threads)
             else:
                 metrics = run_ours(system, model, run_dir, args.steps, args.threads)
-            measured[name] = {"label": system.label, **step_medians(metrics, FIRST_TIMED_STEP, args.steps)}
+            measured[name] = {"label": system.label, **step_medians(metrics, FIRST_TIMED_STEP, args.steps, params)}
         except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
             measured[name] = {"label": system.label, "error": str(exc)}
         print(f"   {measured[name].get('error') or 'done'} ({time.perf_counter() - t:.0f} s)", flush=True)
     trl_s = measured.get("trl", {}).get("s_per_step")
-    rows = [measured[n] if measured[n].get("error") else derived(measured[n], params, trl_s) for n in args.systems]
+    rows = [measured[n] if measured[n].get("error") else with_ratio(measured[n], trl_s) for n in args.systems]
     print(f"\nmedians of steps {FIRST_TIMED_STEP}..{args.steps}; seconds; GFLOP/s as a share of the {peak:.1f} "
           f"GFLOP/s fp32 matmul peak on {args.threads} threads\n")
     print(format_table(rows, peak))
+    for r in rows:
+        if r.get("skipped_updates"):
+            print(f"note: {r['label']} skipped {r['skipped_updates']:.0f} of {UPDATES_PER_STEP * (args.steps - FIRST_TIMED_STEP + 1)} "
+                  f"updates in steps {FIRST_TIMED_STEP}..{args.steps} (every group all-correct or all-wrong: no "
+                  "signal); TRL steps on such a batch, so this row did less work than TRL's")
     if args.out:
         write_json_atomic(args.out, {
             "command": [os.path.relpath(__file__, REPO)] + list(argv if argv is not None else sys.argv[1:]),

@@ -33,23 +33,40 @@ def test_step_medians_reads_steps_first_to_last(tmp_path):
     trains = [9.0, 0.5, 0.6, 0.4, 0.8]  # step 1 (slow warm-up) and 2 lie outside the window
     write_metrics(path, [record(s + 1, walls[s], tokens[s], rollout=0.1 * (s + 1), reward=0.01,
                                 old_logprob=0.2, train=trains[s], sync=0.03) for s in range(5)])
-    m = bench.step_medians(str(path), 3, 5)
+    m = bench.step_medians(str(path), 3, 5, params=1_000_000)
     assert m["s_per_step"] == pytest.approx(2.0)  # median of 2.0, 1.0, 3.0
     assert m["train"] == pytest.approx(0.6) and m["rollout"] == pytest.approx(0.4)
     assert m["old_logprob"] == pytest.approx(0.2) and m["sync"] == pytest.approx(0.03)
     assert m["tokens_per_step"] == pytest.approx(6000)
     assert m["tokens_per_s"] == pytest.approx(3000)  # per step 6000/2, 7000/1, 5000/3
+    # 6·P·T / time/train per step: 6e6·6000/0.6, 6e6·7000/0.4, 6e6·5000/0.8 -> 60, 105, 37.5 GFLOP/s
+    assert m["train_gflops"] == pytest.approx(60.0) and m["skipped_updates"] == 0
+    assert m["logprob_gflops"] == pytest.approx(2e6 * 6000 / 0.2 / 1e9)  # 2·P·T / time/old_logprob
     write_metrics(path, [record(s, 10.0 * s, 100, rollout=1.0, train=1.0) for s in range(1, 5)])  # TRL: no sync
-    assert bench.step_medians(str(path), 3, 4)["sync"] is None
+    assert bench.step_medians(str(path), 3, 4, 1)["sync"] is None
+
+
+def test_skipped_updates_are_not_counted_as_training(tmp_path):
+    """Ours skips a mini-batch whose groups carry no reward signal: half the tokens trained, or none."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [record(s, float(s), 6000, rollout=1.0, old_logprob=0.2, train=0.6) for s in range(1, 5)]
+    recs[2]["train/skipped_updates"], recs[3]["train/skipped_updates"] = 1.0, 2.0  # steps 3 and 4
+    write_metrics(path, recs)
+    m = bench.step_medians(str(path), 3, 4, params=1_000_000)
+    assert m["train_gflops"] == pytest.approx(0.5 * 6e6 * 6000 / 0.6 / 1e9)  # step 4 trained nothing: left out
+    assert m["skipped_updates"] == 3.0
+    recs[2]["train/skipped_updates"] = 2.0
+    write_metrics(path, recs)
+    assert bench.step_medians(str(path), 3, 4, 1_000_000)["train_gflops"] is None
 
 
 def test_step_medians_names_missing_steps(tmp_path):
     path = tmp_path / "metrics.jsonl"
     write_metrics(path, [record(s, float(s), 100, train=1.0) for s in (1, 2, 3)])
     with pytest.raises(ValueError, match=r"no record for step\(s\) \[4, 5\]"):
-        bench.step_medians(str(path), 3, 5)
+        bench.step_medians(str(path), 3, 5, 1)
     with pytest.raises(ValueError, match="need 2 <= first"):
-        bench.step_medians(str(path), 1, 3)
+        bench.step_medians(str(path), 1, 3, 1)
 
 
 def test_matmul_params_counts_every_linear_of_a_qwen2():
@@ -68,22 +85,21 @@ def test_model_flops_formula():
     assert bench.model_flops(1_000_000, 8000, backward=False) == 2 * 1_000_000 * 8000
 
 
-def test_table_rows_ratios_and_flops():
-    base = dict(rollout=0.3, reward=0.02, old_logprob=0.2, train=0.6, sync=None, tokens_per_step=8000.0,
-                tokens_per_s=6400.0)
-    trl = bench.derived({"label": "TRL", "s_per_step": 1.25, **base}, params=1_000_000, trl_s_per_step=1.25)
-    ours = bench.derived({"label": "ours", "s_per_step": 1.0, **dict(base, sync=0.01)}, 1_000_000, 1.25)
+def test_table_rows_and_ratios():
+    base = dict(rollout=0.3, reward=0.02, old_logprob=0.2, train=0.6, sync=None, tokens_per_s=6400.0,
+                train_gflops=80.0, logprob_gflops=40.0)
+    trl = bench.with_ratio({"label": "TRL", "s_per_step": 1.25, **base}, trl_s_per_step=1.25)
+    ours = bench.with_ratio({"label": "ours", "s_per_step": 1.0, **dict(base, sync=0.01)}, 1.25)
     assert ours["ratio_to_trl"] == pytest.approx(0.8) and trl["ratio_to_trl"] == pytest.approx(1.0)
-    assert ours["train_gflops"] == pytest.approx(6 * 1e6 * 8000 / 0.6 / 1e9)  # 80 GFLOP/s
-    assert ours["logprob_gflops"] == pytest.approx(2 * 1e6 * 8000 / 0.2 / 1e9)  # 80 GFLOP/s
     failed = {"label": "ours, TP 2", "error": "exit 1: boom"}
     table = bench.format_table([trl, ours, failed], peak_gflops=160.0).splitlines()
     assert len({line.count("|") for line in table}) == 1  # every row has every column
-    assert table[2] == "| TRL | 1.25 | 0.30 | 0.02 | 0.20 | 0.60 | – | 1.00 | 6400 | 80.0 (50 %) | 80.0 (50 %) |"
+    assert table[2] == "| TRL | 1.25 | 0.30 | 0.02 | 0.20 | 0.60 | – | 1.00 | 6400 | 80.0 (50 %) | 40.0 (25 %) |"
     assert table[3].startswith("| ours | 1.00 |") and "| 0.01 | 0.80 |" in table[3]
     assert table[4].startswith("| ours, TP 2 | failed: exit 1: boom |")
-    alone = bench.derived({"label": "ours", "s_per_step": 1.0, **base}, 1_000_000, None)  # no TRL in this run
-    assert alone["ratio_to_trl"] is None and "| – | 6400 |" in bench.format_table([alone], None)
+    alone = bench.with_ratio({"label": "ours", "s_per_step": 1.0, **dict(base, train_gflops=None)}, None)
+    assert alone["ratio_to_trl"] is None  # no TRL in this run
+    assert alone and bench.format_table([alone], None).endswith("| – | 6400 | – | 40.0 |")
 
 
 def test_workload_overrides_are_a_valid_config(tmp_path):
