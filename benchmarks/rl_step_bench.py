@@ -377,45 +377,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak = matmul_peak_gflops(args.threads)
     print(f"== machine: {info['cpu']}, {info['cpus']} CPUs, load {info['load_avg_1_5_15']}; fp32 matmul peak on "
           f"{args.threads} threads: {peak:.1f} GFLOP/s; P = {params:,} matmul parameters", flush=True)
+    header = {"command": [os.path.relpath(__file__, REPO)] + list(argv if argv is not None else sys.argv[1:]),
+              "machine": info, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "workload": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": MAX_NEW_TOKENS,
+                           "updates_per_step": UPDATES_PER_STEP, "lr": LR, "temperature": TEMPERATURE,
+                           "steps": args.steps, "median_of_steps": [FIRST_TIMED_STEP, args.steps],
+                           "threads": args.threads},
+              "model_dir": model, "matmul_params": params, "peak_gflops": peak, "trl_version": TRL_VERSION}
     measured: Dict[str, dict] = {}
     for name in args.systems:
-        system = SYSTEMS[name]
-        run_dir = os.path.join(work, name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        print(f"== {system.label}: {args.steps} RL steps ...", flush=True)
-        t = time.perf_counter()
-        try:
-            if name == "trl":
-                python = args.trl_python or ensure_trl_python(work)
-                metrics = run_trl(python, model, run_dir, args.steps, args.threads)
-            else:
-                metrics = run_ours(system, model, run_dir, args.steps, args.threads)
-            measured[name] = {"label": system.label, **step_medians(metrics, FIRST_TIMED_STEP, args.steps, params)}
-        except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
-            measured[name] = {"label": system.label, "error": str(exc)}
-        print(f"   {measured[name].get('error') or 'done'} ({time.perf_counter() - t:.0f} s)", flush=True)
-    trl_s = measured.get("trl", {}).get("s_per_step")
-    rows = [measured[n] if measured[n].get("error") else with_ratio(measured[n], trl_s) for n in args.systems]
+        measured[name] = measure(SYSTEMS[name], args, work, model, params)
+        if args.out:  # after every system: a run cut short keeps what finished
+            write_json_atomic(args.out, {**header, "systems": results(measured)})
+    rows = list(results(measured).values())
     print(f"\nmedians of steps {FIRST_TIMED_STEP}..{args.steps}; seconds; GFLOP/s as a share of the {peak:.1f} "
           f"GFLOP/s fp32 matmul peak on {args.threads} threads\n")
     print(format_table(rows, peak))
+    window = UPDATES_PER_STEP * (args.steps - FIRST_TIMED_STEP + 1)
     for r in rows:
         if r.get("skipped_updates"):
-            print(f"note: {r['label']} skipped {r['skipped_updates']:.0f} of {UPDATES_PER_STEP * (args.steps - FIRST_TIMED_STEP + 1)} "
-                  f"updates in steps {FIRST_TIMED_STEP}..{args.steps} (every group all-correct or all-wrong: no "
-                  "signal); TRL steps on such a batch, so this row did less work than TRL's")
-    if args.out:
-        write_json_atomic(args.out, {
-            "command": [os.path.relpath(__file__, REPO)] + list(argv if argv is not None else sys.argv[1:]),
-            "machine": info, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "workload": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": MAX_NEW_TOKENS,
-                         "updates_per_step": UPDATES_PER_STEP, "lr": LR, "temperature": TEMPERATURE,
-                         "steps": args.steps, "median_of_steps": [FIRST_TIMED_STEP, args.steps],
-                         "threads": args.threads},
-            "matmul_params": params, "peak_gflops": peak, "trl_version": TRL_VERSION,
-            "systems": {n: r for n, r in zip(args.systems, rows)}})
+            print(f"note: {r['label']} skipped {r['skipped_updates']:.0f} of {window} updates in steps "
+                  f"{FIRST_TIMED_STEP}..{args.steps} (every group all-correct or all-wrong: no signal); TRL steps "
+                  "on such a batch, so this row did less work than TRL's")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def measure(system: System, args: argparse.Namespace, work: str, model: str, params: int) -> dict:
+    """Runs one system in <work>/<name>; its medians, or {"label", "error"}."""
+    run_dir = os.path.join(work, system.name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    print(f"== {system.label}: {args.steps} RL steps ...", flush=True)
+    t = time.perf_counter()
+    try:
+        if system.name == "trl":
+            python = args.trl_python or ensure_trl_python(work)
+            metrics = run_trl(python, model, run_dir, args.steps, args.threads)
+        else:
+            metrics = run_ours(system, model, run_dir, args.steps, args.threads)
+        row = {"label": system.label, **step_medians(metrics, FIRST_TIMED_STEP, args.steps, params)}
+    except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
+        row = {"label": system.label, "error": str(exc)}
+    print(f"   {row.get('error') or 'done'} ({time.perf_counter() - t:.0f} s)", flush=True)
+    return row
+
+
+def results(measured: Dict[str, dict]) -> Dict[str, dict]:
+    """The measured rows with their ratio to TRL (when TRL ran)."""
+    trl_s = measured.get("trl", {}).get("s_per_step")
+    return {n: r if r.get("error") else with_ratio(r, trl_s) for n, r in measured.items()}
 
 
 if __name__ == "__main__":
