@@ -28,8 +28,9 @@ train = 6·P·T ÷ time/train (forward + backward, 2 updates × half the tokens 
 of reward signal is not counted, and the output says how many were), old log-prob = 2·P·T ÷ time/old_logprob
 (forward only), each the median over the steps. Attention's score and value products (≈ 4·layers·sequence·hidden
 per token) are left out, as is padding. Beside them, the machine's own peak measured in the same run: the best of
-repeated square fp32 matmuls (2·n³ FLOP) on --threads threads in one process — the whole machine's budget, which the TP 2
-rows share between two processes. Exit status: 0 all systems ran, 1 some failed (their rows say why), 2 bad input.
+repeated square fp32 matmuls (2·n³ FLOP) on --threads threads in one process — the whole machine's budget, which
+the TP 2 rows share between two processes.
+Exit status: 0 all systems ran, 1 some failed (their rows say why), 2 bad input.
 """
 from __future__ import annotations
 
