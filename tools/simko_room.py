@@ -23,7 +23,7 @@ from megatron_simko.eval.room import (PROTOCOLS, RoomError, RoomSettings, measur
 
 def main(argv=None) -> int:
     d = RoomSettings()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a Hugging Face model folder (e.g. a run's hf_final)")
     ap.add_argument("--data", required=True, help="reasoning_gym/<task>")
     ap.add_argument("--task-config", help="reasoning-gym options as JSON (default: the model's tiny_model.json)")
