@@ -17,7 +17,7 @@ from megatron_simko.toy import tree_mdp  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--quick", action="store_true", help="seed 0 and the first learning rate only")

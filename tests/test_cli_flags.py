@@ -15,7 +15,7 @@ from megatron_simko.train import parse_args  # noqa: E402
 
 
 def entry_point_files():
-    for folder in ("megatron_simko", "tools", "benchmarks"):
+    for folder in ("megatron_simko", "tools", "benchmarks", "examples"):
         for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
             yield from (os.path.join(dirpath, n) for n in names if n.endswith(".py"))
 
