@@ -13,7 +13,9 @@ OMP_NUM_THREADS = --threads / its process count. Each number is the median over 
 
 - ours: `torchrun -m megatron_simko.train` as examples/quickstart.sh launches it, with the workload as config
   overrides (no validation, no checkpoint before the last step); phase times read from its metrics.jsonl
-  (`time/rollout`, `time/reward`, `time/old_logprob`, `time/train`, `time/sync`: megatron_simko/train.py).
+  (`time/rollout` — which includes the reward scoring, interleaved with generation under dynamic sampling —,
+  `time/experience` — advantages and packing — in the reward column, `time/old_logprob`, `time/train`,
+  `time/sync`: megatron_simko/train.py).
 - trl: benchmarks/trl_grpo_peer.py (its docstring says which GRPOTrainer functions are timed) in its own
   environment, <work-dir>/trl-venv, made on first use: torch 2.13.0 (the machine's CPU wheel), trl TRL_VERSION,
   and the transformers and reasoning-gym versions of requirements/cpu.lock.txt. Never part of the package.
@@ -56,6 +58,9 @@ TRL_VERSION = "1.16.0"
 PROMPTS, SAMPLES, MAX_NEW_TOKENS, UPDATES_PER_STEP, LR, TEMPERATURE = 16, 8, 32, 2, 1e-4, 1.0
 FIRST_TIMED_STEP = 3
 PHASES = ("rollout", "reward", "old_logprob", "train", "sync")
+# metrics.jsonl keys of a phase, first found wins: our trainer scores rewards inside time/rollout and logs the
+# advantage + packing phase as time/experience (TRL's reward column likewise holds its advantage computation)
+PHASE_KEYS = {p: (f"time/{p}",) for p in PHASES} | {"reward": ("time/reward", "time/experience")}
 QUICKSTART_CONFIG = os.path.join(REPO, "examples", "configs", "quickstart.yaml")
 
 
@@ -117,9 +122,10 @@ def step_medians(path: str, first: int, last: int, params: int) -> Dict[str, Opt
     walls = [records[s]["time"] - records[s - 1]["time"] for s in range(first, last + 1)]
     tokens = [r["throughput/tokens_per_s"] * r["time/step"] for r in steps]
     skipped = [r.get("train/skipped_updates", 0.0) for r in steps]
-    out: Dict[str, Optional[float]] = {
-        p: statistics.median(r[f"time/{p}"] for r in steps) if all(f"time/{p}" in r for r in steps) else None
-        for p in PHASES}
+    out: Dict[str, Optional[float]] = {}
+    for p in PHASES:
+        key = next((k for k in PHASE_KEYS[p] if all(k in r for r in steps)), None)
+        out[p] = statistics.median(r[key] for r in steps) if key else None
     out["s_per_step"] = statistics.median(walls)
     out["tokens_per_step"] = statistics.median(tokens)
     out["tokens_per_s"] = statistics.median(t / w for t, w in zip(tokens, walls))
@@ -148,7 +154,7 @@ def format_table(rows: Sequence[dict], peak_gflops: Optional[float]) -> str:
             return "–"
         return f"{v:.1f} ({100 * v / peak_gflops:.0f} %)" if peak_gflops else f"{v:.1f}"
 
-    head = ("| system | s / step | rollout | reward | old log-prob | train | sync | ratio to TRL | tokens/s "
+    head = ("| system | s / step | rollout | reward / adv. | old log-prob | train | sync | ratio to TRL | tokens/s "
             "| train GFLOP/s (% peak) | old log-prob GFLOP/s (% peak) |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:

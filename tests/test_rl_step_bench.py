@@ -44,6 +44,8 @@ def test_step_medians_reads_steps_first_to_last(tmp_path):
     assert m["logprob_gflops"] == pytest.approx(2e6 * 6000 / 0.2 / 1e9)  # 2·P·T / time/old_logprob
     write_metrics(path, [record(s, 10.0 * s, 100, rollout=1.0, train=1.0) for s in range(1, 5)])  # TRL: no sync
     assert bench.step_medians(str(path), 3, 4, 1)["sync"] is None
+    write_metrics(path, [record(s, 10.0 * s, 100, rollout=1.0, experience=0.25) for s in range(1, 5)])
+    assert bench.step_medians(str(path), 3, 4, 1)["reward"] == 0.25  # ours: scoring in rollout, then experience
 
 
 def test_skipped_updates_are_not_counted_as_training(tmp_path):
