@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Iterable
 
@@ -31,3 +32,14 @@ def refuse_flags(p: argparse.ArgumentParser, args: argparse.Namespace, dests: It
         if given(p, args, dest):
             print(f"error: {flag_name(p, dest)} {why}", file=sys.stderr)
             raise SystemExit(2)
+
+
+def json_object(text: str, flag: str, error: type = ValueError) -> dict:
+    """``text`` (a command-line value) parsed as a JSON object, or ``error`` with one line naming ``flag``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{flag} is not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise error(f"{flag} must be a JSON object")
+    return value

@@ -100,7 +100,7 @@ def test_cli_end_to_end(tiny_model, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--model", "/nonexistent", "--data", "reasoning_gym/chain_sum"], "not a Hugging Face model folder"),
     (["--data", "countdown"], "--data must be reasoning_gym/<task>"),
-    (["--data", "reasoning_gym/chain_sum", "--task-config", "{bad"], "--task-config is not JSON"),
+    (["--data", "reasoning_gym/chain_sum", "--task-config", "{bad"], "--task-config is not valid JSON"),
     (["--data", "reasoning_gym/chain_sum", "--tau", "1.5"], "tau"),
 ])
 def test_cli_bad_input(tiny_model, tmp_path, args, needle):

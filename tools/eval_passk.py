@@ -17,14 +17,13 @@ exit status 2, with nothing written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_simko.cli import refuse_flags  # noqa: E402
+from megatron_simko.cli import json_object, refuse_flags  # noqa: E402
 from megatron_simko.eval.passk import format_table  # noqa: E402
 
 # flags of the sampling mode (--model): none applies to --results, which only reads a file
@@ -103,12 +102,7 @@ def from_models(args) -> int:
         if name in into:
             raise EvalError(f"{what}: the name {name!r} is given twice")
         into[name] = value
-    try:
-        task_config = json.loads(args.task_config)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"--task-config is not valid JSON ({e.msg})") from None
-    if not isinstance(task_config, dict):
-        raise EvalError("--task-config must be a JSON object")
+    task_config = json_object(args.task_config, "--task-config", EvalError)
     sampling = dict(PROTOCOLS[args.protocol or "train"])
     if args.temperature is not None:
         sampling["temperature"] = args.temperature

@@ -11,12 +11,12 @@ input is a one-line error, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_simko.cli import json_object  # noqa: E402
 from megatron_simko.eval.room import (PROTOCOLS, RoomError, RoomSettings, measure, room_markdown,  # noqa: E402
                                       write_report)
 
@@ -36,14 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     try:
-        cfg = None
-        if args.task_config:
-            try:
-                cfg = json.loads(args.task_config)
-            except json.JSONDecodeError as e:
-                raise RoomError(f"--task-config is not JSON: {e}") from None
-            if not isinstance(cfg, dict):
-                raise RoomError("--task-config must be a JSON object")
+        cfg = json_object(args.task_config, "--task-config", RoomError) if args.task_config else None
         if args.protocol:
             args.eval_temperature, args.eval_top_p = PROTOCOLS[args.protocol]
         settings = RoomSettings(**{k: getattr(args, k) for k in vars(d)})
