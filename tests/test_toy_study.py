@@ -152,7 +152,7 @@ def test_graph_study_config_declares_the_protocol_arms():
         t = study._train_config(train_overrides(cfg, mode, seed, study.out))
         assert t.loss.mode == mode.replace("simko_a03", "simko") and t.train.seed == seed
     dev = load_study_config(GRAPH, "lr_dev")
-    assert dev["eval"]["data_seed"] == 1000 and set(dev["modes"]) == {"grpo_lr1e4", "grpo_lr3e4", "grpo_lr1e3"}
+    assert dev["eval"]["data_seed"] == 1000 and set(dev["modes"]) == {"grpo_lr5e4", "grpo_lr7e4"}
 
 
 def test_graph_color_sft_targets_are_uniform_over_valid_colourings():
