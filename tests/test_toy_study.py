@@ -146,13 +146,14 @@ def test_graph_study_config_declares_the_protocol_arms():
     assert all(s["seeds"] == [1, 2, 3] for s in cfg["modes"].values())
     e = cfg["eval"]
     assert (e["protocol"], e["n"], e["exclude_data_seeds"]) == ("train", 256, [1000])
-    assert e["secondary"]["protocol"] == "paper"
+    assert e["secondary"]["protocol"] == "paper" and e["paired_reference"] == "grpo"
     study = Study(cfg, GRAPH, log=lambda m: None)
     for name, mode, seed in run_names(cfg):  # every run's training config resolves
         t = study._train_config(train_overrides(cfg, mode, seed, study.out))
         assert t.loss.mode == mode.replace("simko_a03", "simko") and t.train.seed == seed
     dev = load_study_config(GRAPH, "lr_dev")
     assert dev["eval"]["data_seed"] == 1000 and set(dev["modes"]) == {"grpo_lr5e4", "grpo_lr7e4"}
+    assert dev["eval"]["paired_reference"] is None  # no GRPO seed to pair with in the lr grid
 
 
 def test_graph_color_sft_targets_are_uniform_over_valid_colourings():
@@ -189,3 +190,6 @@ def test_graph_study_smoke(tmp_path):
         assert rec["task"] == "graph_color" and rec["verdict"] and (out / "room" / name / "room.png").exists()
     table = (out / "table.md").read_text()
     assert "## Room" in table and "| simko_a03-s1 |" in table.split("## Room")[1]
+    for section in table.split("## Room")[0].split("## ")[1:]:  # both evaluations: the paired differences vs GRPO
+        assert "Paired differences, arm − grpo" in section and "| simko_a03 | 1 |" in section
+        assert "| simko_a03 | mean |" in section

@@ -40,15 +40,15 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .results import (format_group_table, format_model_table, group_table, read_passk_csv, write_json_atomic,
-                      write_text_atomic)
+from .results import (format_group_table, format_model_table, group_table, read_passk_csv, read_per_problem_csv,
+                      write_json_atomic, write_text_atomic)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOP_KEYS = ("out_dir", "task", "model", "train_config", "train_overrides", "nproc", "threads", "parallel_runs",
             "modes", "eval", "room", "variants")
 TASK_KEYS = ("name", "config", "prompt_style", "train_size", "train_seed", "validation_size")
 EVAL_KEYS = ("size", "data_seed", "exclude_data_seeds", "n", "samples_per_round", "protocol", "temperature", "top_p",
-             "max_tokens", "seed", "table_ks", "secondary")
+             "max_tokens", "seed", "table_ks", "secondary", "paired_reference")
 SECONDARY_KEYS = ("name", "protocol", "temperature", "top_p")  # eval.secondary: the same models and problems, other
                                                                   # sampling; written to passk_<name>, figures_<name>
 
@@ -375,11 +375,22 @@ class Study:
             table = group_table(rows, "heldout", ks)
             texts.append(f"## {label.capitalize()} evaluation: {json.dumps(sampling)}\n\n"
                          + study_table(rows, table, ks, ablations, e["size"], e["n"]))
+            if e.get("paired_reference"):
+                texts.append(self.paired_table(self.passk_dir + suffix, e["paired_reference"], ks))
             self.record["table" + suffix] = [{**{k: v for k, v in t.items() if not isinstance(k, int)},
                                               **{f"pass@{k}": t[k] for k in ks if k in t}} for t in table]
         text = "\n".join(texts + ([self.room_table()] if self.cfg.get("room") else []))
         write_text_atomic(os.path.join(self.out, "table.md"), text)
         self.log(text)
+
+    def paired_table(self, passk_dir: str, reference: str, ks: list[int]) -> str:
+        """Paired differences against ``eval.paired_reference`` (eval/paired.py), seed by seed."""
+        from .paired import format_paired_table, paired_differences
+
+        per_problem = read_per_problem_csv(os.path.join(passk_dir, "per_problem.csv"))
+        rows = paired_differences(per_problem, reference, ks)
+        return (f"Paired differences, arm − {reference} on the same seed (mean over problems; 95% bootstrap band "
+                f"over problems):\n\n{format_paired_table(rows, ks, reference)}\n")
 
     def run(self) -> dict:
         os.makedirs(self.out, exist_ok=True)
