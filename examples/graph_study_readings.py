@@ -39,7 +39,8 @@ def readings(study: str) -> str:
     seeds = sorted({int(m.rsplit("-s", 1)[1]) for m, _ in pp if m.startswith("grpo-s")})
     ks = [1, 256]
     pk = {m: {k: mean_passk(c, k) for k in ks} for (m, _), c in pp.items()}
-    arm_mean = {a: {k: float(np.mean([pk[f"{a}-s{s}"][k] for s in seeds])) for k in ks} for a in ARMS}
+    arm_mean = {a: {k: float(np.mean([pk[f"{a}-s{s}"][k] for s in seeds])) for k in ks} for a in ARMS
+                if f"{a}-s{seeds[0]}" in pk}
     base = pk["base"]
     diffs = {(r["arm"], r["seed"]): r for r in paired_differences(pp, "grpo", ks)}
     d = lambda arm, s, k: diffs[(arm, s)][k][0]  # noqa: E731
@@ -73,6 +74,9 @@ def readings(study: str) -> str:
                f"{p23['simko_a03'] / max(p23['grpo'], 1e-12):.2f}; over the last 5 steps {p23_5['simko_a03']:.3f} "
                f"vs {p23_5['grpo']:.3f}) → {'met' if h2 else 'not met'}")
 
+    if not all(a in arm_mean for a in ("entropy_adv", "kl_cov")):
+        out.append("- **H3** not computed: the entropy baselines were not run in this study")
+        return _tail(out, h2_pairs, pre, arm_mean, base)
     best = max(("simko", "simko_a03"), key=lambda a: arm_mean[a][256])
     ent = {a: arm_mean[a][256] for a in ("entropy_adv", "kl_cov")}
     rooms = {}
@@ -95,6 +99,10 @@ def readings(study: str) -> str:
                f"{'≥' if h3_passk else '<'}; invalid mass {'less' if h3_mass else 'not less'}; invalid responses "
                f"{'fewer' if h3_invalid else 'not fewer'})")
 
+    return _tail(out, h2_pairs, pre, arm_mean, base)
+
+
+def _tail(out: list, h2_pairs: list, pre: bool, arm_mean: dict, base: dict) -> str:
     fals = np.mean(h2_pairs) < 0.03
     out.append(f"- **Falsification of the mechanism** (room and collapse confirmed, yet α = 0.3 within +0.03 of GRPO "
                f"at pass@256, mean over pairs): mean pair difference {np.mean(h2_pairs):+.3f}; collapse "
@@ -102,7 +110,7 @@ def readings(study: str) -> str:
                + ("falsified" if pre and fals else "not falsified" if pre else
                   "not applicable (no collapse to resist)"))
     out.append("\nMeans over seeds (T = 1): " + "; ".join(
-        f"{a} pass@1 {arm_mean[a][1]:.3f} pass@256 {arm_mean[a][256]:.3f}" for a in ARMS)
+        f"{a} pass@1 {m[1]:.3f} pass@256 {m[256]:.3f}" for a, m in arm_mean.items())
                + f"; base pass@1 {base[1]:.3f} pass@256 {base[256]:.3f}")
     return "\n".join(out) + "\n"
 

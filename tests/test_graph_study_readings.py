@@ -12,7 +12,7 @@ N, P = 256, 8
 ARMS = {"grpo": 0, "simko": 1, "simko_a03": 2, "entropy_adv": 0, "kl_cov": 0}  # how many extra problems pass
 
 
-def _write_study(root, base_solved: int, grpo_c: int):
+def _write_study(root, base_solved: int, grpo_c: int, arms=tuple(ARMS)):
     """base solves `base_solved` problems with c = 2 of 256; GRPO solves fewer but each more often."""
     os.makedirs(root / "passk")
     with open(root / "passk" / "per_problem.csv", "w", newline="") as f:
@@ -20,11 +20,12 @@ def _write_study(root, base_solved: int, grpo_c: int):
         w.writerow(["model", "benchmark", "problem", "n", "c"])
         for p in range(P):
             w.writerow(["base", "heldout", p, N, 2 if p < base_solved else 0])
-        for arm, extra in ARMS.items():
+        for arm in arms:
+            extra = ARMS[arm]
             for s in (1, 2, 3):
                 for p in range(P):
                     w.writerow([f"{arm}-s{s}", "heldout", p, N, grpo_c if p < 2 + extra else 0])
-    for arm in ARMS:
+    for arm in arms:
         for s in (1, 2, 3):
             run = root / "runs" / f"{arm}-s{s}"
             os.makedirs(run)
@@ -56,3 +57,10 @@ def test_readings_are_inconclusive_without_collapse(tmp_path):
     assert "→ **fails** → the study is inconclusive for H1–H3" in text
     assert "not applicable (no collapse to resist)" in text
     assert gr.main(["--study", str(tmp_path / "missing")]) == 2
+
+
+def test_readings_without_the_entropy_baselines_skip_h3(tmp_path):
+    _write_study(tmp_path, base_solved=8, grpo_c=128, arms=("grpo", "simko", "simko_a03"))
+    text = gr.readings(str(tmp_path))
+    assert "**H3** not computed" in text and "→ met" in text.split("**H2**")[1] and "→ not falsified" in text
+    assert "entropy_adv" not in text
