@@ -82,7 +82,8 @@ class Checks:
         return results, time.perf_counter() - t0
 
     def mismatch(self, results, temperature):
-        from megatron_simko.rollout import logprob_mismatch, pack_rollouts
+        from megatron_simko.experience import pack_rollouts
+        from megatron_simko.rollout import logprob_mismatch
 
         pk = pack_rollouts(results)
         lp = trainer_logprobs(self.chunks, pk.tokens, pk.loss_mask, pk.lengths, self.arch.vocab_size, temperature)
@@ -116,7 +117,7 @@ class Checks:
 
     def train(self):
         from megatron_simko.losses import SimKOConfig
-        from megatron_simko.rollout import pack_rollouts
+        from megatron_simko.experience import pack_rollouts
         from megatron_simko.trainer.batch import RLBatch
         from megatron_simko.config import OptimizerConfig
         from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step
