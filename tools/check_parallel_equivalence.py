@@ -168,8 +168,8 @@ def loss_config(overrides):
 def run_step(chunks, optimizer, scheduler, arch, batch, loss_cfg, num_microbatches=None, max_tokens=None):
     """Statistics (forward-only), then one train step; returns (stats, step output, {name: grad}).
     Micro-batches: ``num_microbatches`` equal splits, or token-budget packing with ``max_tokens``."""
-    from megatron_simko.trainer.optimizer import train_step
-    from megatron_simko.trainer.step import compute_token_stats
+    from megatron_simko.trainer.step import train_step
+    from megatron_simko.trainer.token_stats import compute_token_stats
 
     stats = compute_token_stats(chunks, batch, TOP_K, arch.vocab_size, num_microbatches=num_microbatches,
                                 max_tokens=max_tokens, backend=loss_cfg.backend, fused_linear=loss_cfg.fused_linear,
@@ -197,7 +197,7 @@ def reference(args, arch: ModelArch, path: str) -> None:
     import torch.distributed as dist
 
     from megatron_simko.parallel import destroy_parallel, initialize_parallel
-    from megatron_simko.trainer.step import compute_token_stats
+    from megatron_simko.trainer.token_stats import compute_token_stats
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
