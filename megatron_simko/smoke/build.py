@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MODES = {
     # Qwen2.5-0.5B's layer shape with 8 of its 24 layers; its vocabulary rows (151,936).
     "gpu": dict(model=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=8,
@@ -47,18 +46,11 @@ def response_text(row: dict) -> str:
 
 def build_tokenizer(model_dir: str, rows: list[dict]):
     """Byte-level BPE on the rendered prompts and targets; EOS <|endoftext|>, ChatML template."""
-    from transformers import PreTrainedTokenizerFast
-
-    from megatron_simko.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM, render_chatml
-    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, train_byte_level_bpe
+    from megatron_simko.data import DEFAULT_INSTRUCTION, DEFAULT_SYSTEM
+    from megatron_simko.data.tokenizer import build_chatml_bpe
 
     texts = [DEFAULT_SYSTEM, DEFAULT_INSTRUCTION] + [t for r in rows for t in (r["prompt"], response_text(r))]
-    texts += [render_chatml([{"role": r, "content": "."}]) for r in ("system", "user", "assistant")] * 50
-    core = train_byte_level_bpe(texts, 512, SPECIAL_TOKENS)
-    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                            unk_token=None, additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                            chat_template=CHATML_TEMPLATE, clean_up_tokenization_spaces=False).save_pretrained(model_dir)
-    return core
+    return build_chatml_bpe(model_dir, texts, 512, eos_token="<|endoftext|>")
 
 
 def build_model(model_dir: str, mode: str, core, device: str, seed: int) -> dict:
