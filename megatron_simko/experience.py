@@ -9,14 +9,45 @@ The batch is packed on the CPU and moved to the trainer's device once, here (``p
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 
 from megatron_simko.advantages import grpo_advantages, mixed_groups
 from megatron_simko.rollout.base import RolloutResult
-from megatron_simko.rollout.consistency import pack_rollouts
 from megatron_simko.trainer.batch import RLBatch
+
+
+class RolloutTensors(NamedTuple):
+    tokens: torch.Tensor  # [B, S] int64, prompt + response, right-padded with pad_id
+    loss_mask: torch.Tensor  # [B, S] bool, True on response tokens
+    rollout_logprob: torch.Tensor  # [B, S] float32, the engine's log-prob at response positions, 0 elsewhere
+    lengths: torch.Tensor  # [B] int64, prompt + response length
+    prompt_index: torch.Tensor  # [B] int64, global prompt index of each row (GRPO groups)
+
+
+def pack_rollouts(results: Sequence[RolloutResult], pad_id: int = 0) -> RolloutTensors:
+    """One row per (prompt, sample), in order, as right-padded tensors aligned like ``RLBatch``."""
+    rows = [(r.prompt_index, r.prompt_token_ids, s) for r in results for s in r.samples]
+    if not rows:
+        raise ValueError("no rollouts to pack")
+    S = max(len(p) + len(s.token_ids) for _, p, s in rows)
+    B = len(rows)
+    tokens = torch.full((B, S), int(pad_id), dtype=torch.int64)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    logprob = torch.zeros(B, S, dtype=torch.float32)
+    lengths = torch.zeros(B, dtype=torch.int64)
+    index = torch.zeros(B, dtype=torch.int64)
+    for b, (pi, prompt, s) in enumerate(rows):
+        P, R = len(prompt), len(s.token_ids)
+        tokens[b, :P] = torch.tensor(prompt, dtype=torch.int64)
+        if R:
+            tokens[b, P:P + R] = torch.tensor(s.token_ids, dtype=torch.int64)
+            logprob[b, P:P + R] = torch.tensor(s.logprobs, dtype=torch.float32)
+            mask[b, P:P + R] = True
+        lengths[b] = P + R
+        index[b] = pi
+    return RolloutTensors(tokens, mask, logprob, lengths, index)
 
 
 def build_experience(results: Sequence[RolloutResult], rewards: Sequence[float], pad_id: int,

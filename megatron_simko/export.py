@@ -1,6 +1,6 @@
 """Hugging Face export of trained weights, for evaluation and serving (vLLM, transformers).
 
-Two entry points, both through the one mapping module (``models/hf_mapping.py``):
+Two entry points, both through the one mapping package (``models/hf_mapping/``):
 
 * :func:`export_live_model` — collective, at the end of training: the live TP/PP shards are gathered exactly as
   for the vLLM weight sync (``MegatronToEngineSync.iter_hf_tensors``) and global rank 0 writes the directory.

@@ -109,7 +109,7 @@ class MetricsLogger:
 
 def token_sums(stats, mask: torch.Tensor) -> torch.Tensor:
     """[3 + K] float64 on the statistics' (trainer) device: (token count, Σ entropy, Σ rank-1 flags,
-    Σ Λ^(1..K) log-probs) over ``mask`` [B, S] (moved to that device). ``stats``: ``trainer.step.PerTokenStats``."""
+    Σ Λ^(1..K) log-probs) over ``mask`` [B, S] (moved to that device). ``stats``: ``trainer.token_stats.PerTokenStats``."""
     device = stats.entropy.device
     m = mask.to(device)
     K = stats.topk_logprob.shape[-1]
@@ -145,7 +145,7 @@ def gated_sums(stats, targets: torch.Tensor, mask: torch.Tensor, advantages: tor
     """[3, 7 + 2K] float64 sums over the gated tokens, one row per split of ``GATED_SPLITS``; columns: count,
     Σ rank-1, Σ y ∈ top-K, Σ floor acting, Σ A²‖Δ‖², Σ A²·D_lo, Σ A²·D_hi, Σ p_1..p_K, Σ log p_1..p_K
     (:func:`gated_metrics` says what each is). On the statistics' (trainer) device; ``targets`` [B, S],
-    ``mask`` [B, S] bool and ``advantages`` [B] or [B, S] are moved there. ``stats``: ``trainer.step.PerTokenStats``
+    ``mask`` [B, S] bool and ``advantages`` [B] or [B, S] are moved there. ``stats``: ``trainer.token_stats.PerTokenStats``
     or ``losses.TokenStats`` aligned with ``targets`` (values at masked positions are never read)."""
     device = stats.entropy.device
     m, y = mask.to(device), targets.to(device)

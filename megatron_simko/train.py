@@ -258,8 +258,8 @@ def rl_step(c: Components, step: int) -> Dict[str, float]:
     from megatron_simko.rollout import dp_share, generate_global, logprob_mismatch, truncated_importance_weights
     from megatron_simko.rollout.dynamic_sampling import collect_step_rollouts
     from megatron_simko.rollout.sharding import RolloutLayout
-    from megatron_simko.trainer.optimizer import train_step
-    from megatron_simko.trainer.step import compute_token_stats
+    from megatron_simko.trainer.step import train_step
+    from megatron_simko.trainer.token_stats import compute_token_stats
 
     cfg, L = c.cfg, c.layout
     n = cfg.rollout.n_samples

@@ -36,8 +36,8 @@ from megatron_simko.trainer.optimizer import (  # noqa: E402
     NonFiniteUpdateError,
     build_optimizer,
     build_scheduler,
-    train_step,
 )
+from megatron_simko.trainer.step import train_step  # noqa: E402
 
 ARCH = arch_from_hf_config(dict(
     architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -40,8 +40,9 @@ from megatron_simko.trainer.checkpointing import (  # noqa: E402
 )
 from megatron_simko.trainer.model import build_model_chunks, trainer_transformer_config, wrap_with_ddp  # noqa: E402
 from megatron_simko.config import OptimizerConfig  # noqa: E402
-from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step  # noqa: E402
-from megatron_simko.trainer.step import compute_token_stats  # noqa: E402
+from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler  # noqa: E402
+from megatron_simko.trainer.step import train_step  # noqa: E402
+from megatron_simko.trainer.token_stats import compute_token_stats  # noqa: E402
 
 HF_CONFIG = dict(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, num_hidden_layers=2, vocab_size=600, max_position_embeddings=128,

@@ -33,7 +33,7 @@ TOL = 1e-4
 def trainer_logprobs(chunks, tokens, loss_mask, lengths, vocab_size, temperature):
     """log softmax(z / T)[token t] from the Megatron model, aligned like RLBatch ([B, S], 0 at t = 0)."""
     from megatron_simko.trainer.batch import RLBatch
-    from megatron_simko.trainer.step import compute_token_stats
+    from megatron_simko.trainer.token_stats import compute_token_stats
 
     B, S = tokens.shape
     batch = RLBatch(tokens=tokens, loss_mask=loss_mask, old_logprob=torch.zeros(B, S), advantages=torch.zeros(B),
@@ -82,7 +82,8 @@ class Checks:
         return results, time.perf_counter() - t0
 
     def mismatch(self, results, temperature):
-        from megatron_simko.rollout import logprob_mismatch, pack_rollouts
+        from megatron_simko.experience import pack_rollouts
+        from megatron_simko.rollout import logprob_mismatch
 
         pk = pack_rollouts(results)
         lp = trainer_logprobs(self.chunks, pk.tokens, pk.loss_mask, pk.lengths, self.arch.vocab_size, temperature)
@@ -116,10 +117,11 @@ class Checks:
 
     def train(self):
         from megatron_simko.losses import SimKOConfig
-        from megatron_simko.rollout import pack_rollouts
+        from megatron_simko.experience import pack_rollouts
         from megatron_simko.trainer.batch import RLBatch
         from megatron_simko.config import OptimizerConfig
-        from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler, train_step
+        from megatron_simko.trainer.optimizer import build_optimizer, build_scheduler
+        from megatron_simko.trainer.step import train_step
 
         T = 0.7
         results, _ = self.rollouts(T, step=2)

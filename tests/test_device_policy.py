@@ -19,7 +19,7 @@ from megatron_simko.parallel.devices import all_reduce, check_same_device, colle
 from megatron_simko.rollout import RolloutResult, RolloutSample, logprob_mismatch, truncated_importance_weights
 from megatron_simko.rollout.consistency import mismatch_sums
 from megatron_simko.trainer.batch import RLBatch
-from megatron_simko.trainer.step import PerTokenStats
+from megatron_simko.trainer.token_stats import PerTokenStats
 
 META = torch.device("meta")
 

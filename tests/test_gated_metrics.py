@@ -8,7 +8,7 @@ import gated_dist_worker as worker
 import loss_dist_worker
 from megatron_simko.experience import rollout_metrics
 from megatron_simko.metrics import gated_sums
-from megatron_simko.trainer.step import PerTokenStats
+from megatron_simko.trainer.token_stats import PerTokenStats
 
 
 @pytest.mark.parametrize("check", ["tp", "dp"])

@@ -7,22 +7,22 @@ import sys
 import pytest
 import torch
 
+from megatron_simko.smoke import build, stages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_smoke  # noqa: E402
 
 
 def test_gpu_mode_model_has_qwen25_vocabulary_and_a_few_hundred_million_parameters():
     from transformers import Qwen2ForCausalLM
 
-    config = gpu_smoke.model_config("gpu")
+    config = build.model_config("gpu")
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     n = sum(p.numel() for p in model.parameters())
     assert config.vocab_size == 151936 and model.get_input_embeddings().weight.shape[0] == 151936
     assert 2e8 <= n <= 5e8, n
     assert config.hidden_size // config.num_attention_heads == config.head_dim == 64
-    assert gpu_smoke.MODES["gpu"]["dtype"] == "bf16"
+    assert build.MODES["gpu"]["dtype"] == "bf16"
 
 
 @pytest.mark.slow
@@ -49,24 +49,24 @@ def test_a_hung_stage_is_killed_at_its_limit_and_its_output_streamed(tmp_path, c
     code = "import subprocess, sys, time; print('started', flush=True); " \
            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
     t0 = time.perf_counter()
-    rc, seconds, out = gpu_smoke.run([sys.executable, "-c", code], str(log), timeout=3)
+    rc, seconds, out = stages.run([sys.executable, "-c", code], str(log), timeout=3)
     assert rc == 124 and seconds < 20 and time.perf_counter() - t0 < 20
     assert "started" in log.read_text() and "killed after its 3 s stage limit" in out
     assert "[hang] started" in capsys.readouterr().out
-    with pytest.raises(gpu_smoke.StageTimeout):
-        gpu_smoke.in_process(1, time.sleep, 5)
+    with pytest.raises(stages.StageTimeout):
+        stages.in_process(1, time.sleep, 5)
 
 
 def test_summary_is_written_under_out(tmp_path, monkeypatch):
     import json
 
     monkeypatch.setenv("OUT", str(tmp_path / "device_out"))
-    paths = gpu_smoke.write_summary(str(tmp_path / "smoke"), {"passed": True, "checks": []})
+    paths = stages.write_summary(str(tmp_path / "smoke"), {"passed": True, "checks": []})
     assert paths == [str(tmp_path / "smoke" / "summary.json"), str(tmp_path / "device_out" / "gpu_smoke_summary.json")]
     assert all(json.load(open(p))["passed"] for p in paths)
 
 
 def test_preflight_reports_versions_and_prompts_vary_in_length():
-    versions, missing = gpu_smoke.preflight()
+    versions, missing = stages.preflight()
     assert not missing and versions["torch"] and versions["megatron.core"] and versions["math_verify"]
-    assert len({len(r["prompt"]) for r in gpu_smoke.sum_examples(16, 0)}) > 1
+    assert len({len(r["prompt"]) for r in build.sum_examples(16, 0)}) > 1

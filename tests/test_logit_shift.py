@@ -8,7 +8,7 @@ import torch
 
 from megatron_simko.losses import SimKOConfig, simko_loss, token_statistics
 from megatron_simko.losses.simko import MODES
-from megatron_simko.trainer.step import shift_left
+from megatron_simko.trainer.schedule import shift_left
 
 
 def batch(seed=0, b=3, s=9, V=37):

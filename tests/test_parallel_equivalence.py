@@ -3,7 +3,8 @@
 Each case is one launch of tools/check_parallel_equivalence.py: a single-device reference on rank 0, then the
 parallel layout, comparing per-token log-probs, entropy, top-K ids and log-probs, the SimKO loss, every
 gradient (slice by slice), the gradient norm and the parameters after one Adam step (fp32, 1e-6; see the
-tool for the error measure and the one argued exception, megatron's fp32 grad-norm accumulation at 1e-5).
+harness, megatron_simko/parallel/equivalence.py, for the error measure and the one argued exception, megatron's
+fp32 grad-norm accumulation at 1e-5).
 """
 import json
 import os
@@ -103,8 +104,7 @@ def test_fused_linear_equals_single_device_logits(tmp_path, extra):
     """loss.fused_linear at TP2×PP2 (statistics from hidden states, no logits; models/output_head.py) against the
     single-device logits path, fp32 1e-6: statistics, loss, every gradient, the Adam step."""
     if extra == ["UNTIED"]:
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        from check_parallel_equivalence import DEFAULT_MODEL
+        from megatron_simko.parallel.equivalence import DEFAULT_MODEL
 
         cfg = tmp_path / "config.json"
         cfg.write_text(json.dumps({**DEFAULT_MODEL, "tie_word_embeddings": False}))

@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("vllm")
 
+from megatron_simko.experience import pack_rollouts  # noqa: E402
 from megatron_simko.rollout import (  # noqa: E402
     EngineBuildError,
     SamplingConfig,
     VLLMEngineConfig,
     VLLMRolloutEngine,
     logprob_mismatch,
-    pack_rollouts,
 )
 from megatron_simko.rollout.weight_sync import compare_checksums, slice_piece, tensor_checksum  # noqa: E402
 

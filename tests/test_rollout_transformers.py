@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
+from megatron_simko.experience import pack_rollouts
 from megatron_simko.rollout import (
     SamplingConfig,
     TransformersEngineConfig,
     TransformersRolloutEngine,
     logprob_mismatch,
-    pack_rollouts,
 )
 from megatron_simko.rollout.transformers_engine import sample_from_logits
 from megatron_simko.rollout.weight_sync import compare_checksums, slice_piece, tensor_checksum

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from megatron_simko.experience import pack_rollouts
 from megatron_simko.rollout import (
     EngineBuildError,
     RolloutResult,
@@ -14,7 +15,6 @@ from megatron_simko.rollout import (
     VLLMEngineConfig,
     VLLMRolloutEngine,
     logprob_mismatch,
-    pack_rollouts,
     request_seed,
     shard_bounds,
     truncated_importance_weights,

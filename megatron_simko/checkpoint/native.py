@@ -5,7 +5,7 @@ Layout::
     MEG/megatron_simko_checkpoint.json     format version, arch, HF config, tp, pp, padded vocab, dtype, ...
     MEG/mp_rank_{tp:02d}_{pp:03d}/          one directory per model-parallel rank
         model-0000k-of-0000N.safetensors    that rank's Megatron parameters (TP shards; GLOBAL layer indices,
-        model.safetensors.index.json        local-spec names, see models/hf_mapping.py)
+        model.safetensors.index.json        local-spec names, see models/hf_mapping/)
 
 A tied model with PP > 1 stores ``output_layer.weight`` (the last stage's copy of the embedding) in the last stage.
 Loaders take any model chunk (local or TE spelling, any PP stage / virtual chunk) and accept a checkpoint of a

@@ -203,6 +203,30 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: 
     return core
 
 
+BPE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of `build_chatml_bpe`
+
+
+def build_chatml_bpe(out_dir: str, texts: Iterable[str], vocab_size: int, eos_token: str,
+                     model_max_length: int | None = None):
+    """A byte-level BPE (`train_byte_level_bpe`) on ``texts`` plus the ChatML role markers (×50, so they get
+    merges), with `BPE_SPECIAL_TOKENS` as ids 0, 1, 2, saved in ``out_dir`` as a Hugging Face tokenizer folder:
+    pad <|endoftext|>, eos ``eos_token`` (<|im_end|>: a chat model; <|endoftext|>: as Qwen2.5 base models), the
+    other ChatML symbols additional special tokens, the ChatML chat template. Returns the core tokenizer (the
+    reference a reload of the folder is checked against). Used by the tiny model (models/tiny.py) and the GPU
+    smoke run (smoke/build.py)."""
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts) + [render_chatml([{"role": r, "content": "."}]) for r in ("system", "user", "assistant")] * 50
+    core = train_byte_level_bpe(texts, vocab_size, BPE_SPECIAL_TOKENS)
+    kwargs = dict(tokenizer_object=core, eos_token=eos_token, pad_token="<|endoftext|>", unk_token=None,
+                  additional_special_tokens=[s for s in ("<|im_start|>", "<|im_end|>") if s != eos_token],
+                  chat_template=CHATML_TEMPLATE)
+    if model_max_length is not None:
+        kwargs["model_max_length"] = model_max_length
+    PreTrainedTokenizerFast(**kwargs, clean_up_tokenization_spaces=False).save_pretrained(out_dir)
+    return core
+
+
 def export_hf_tokenizer(sp_model_file: str, out_dir: str, chat_template: str = CHATML_TEMPLATE) -> str:
     """Writes a Hugging Face tokenizer folder equivalent to a SentencePiece unigram model trained by
     `train_sentencepiece` (same ids; eos <|im_end|>, pad <|endoftext|>); returns out_dir.

@@ -11,7 +11,7 @@ Both act on the tokens whose centred covariance between advantage and current lo
 The population. With `group=None` it is the tokens of this call (the authors' verl code: one loss call per
 micro-batch per GPU). With `group` = the data-parallel group it is every valid token on every rank of the group:
 the trainer passes the whole optimizer mini-batch (all its micro-batches) of each DP rank, so the choice does not
-depend on how the mini-batch is cut into micro-batches or shared over DP ranks (trainer/step.py). The two agree
+depend on how the mini-batch is cut into micro-batches or shared over DP ranks (trainer/token_stats.py). The two agree
 when the mini-batch is one micro-batch on one DP rank.
 
 Canonical order and ties. The population's valid tokens are numbered rank by rank over the group (DP rank 0

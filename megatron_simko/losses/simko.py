@@ -211,7 +211,7 @@ def simko_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprob: torch.T
     tp_group (None: one device, full vocab), temperature (z = logits / T), vocab_size (ids ≥ it are padding
     rows), token_normalizer (keyword-only: if given, loss = Σ_mask loss_t / token_normalizer, e.g. the
     global-batch token count; else the token mean; an empty mask gives 0). kl_cov / clip_cov (keyword-only):
-    cov_selected [B, L] bool, the covariance selection of the whole population (trainer/step.py computes it over
+    cov_selected [B, L] bool, the covariance selection of the whole population (trainer/token_stats.py computes it over
     the optimizer mini-batch); None selects among this call's tokens (`covariance.py`, clip_cov's draw seeded
     with selection_seed). stats (keyword-only): the per-token statistics computed elsewhere — from the hidden
     states by losses/fused_linear.linear_token_statistics — with logits=None; they are not recomputed.

@@ -48,7 +48,6 @@ PROMPT_STYLES = ("task", "compact")
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
 TOKENIZER_VOCAB = 512  # upper bound; a small corpus yields fewer (the byte alphabet alone is 256)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # pad, ChatML start, eos (ids 0, 1, 2)
 
 
 def response_text(example, task: str) -> str:
@@ -135,23 +134,15 @@ def build_tokenizer(out_dir: str, task: str, task_config: dict, seed: int, style
     SentencePiece-unigram export then silently drops spaces, newlines and byte-fallback characters. A byte-level
     BPE built with Qwen2's own pipeline loads identically either way.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    from megatron_simko.data import render_chatml
-    from megatron_simko.data.tokenizer import CHATML_TEMPLATE, rg_corpus, train_byte_level_bpe
+    from megatron_simko.data.tokenizer import build_chatml_bpe, rg_corpus
 
     texts = rg_corpus([task], per_task=500, seed=seed)
-    # The configured difficulty, the exact response format and the chat roles, so all of them get merges.
+    # The configured difficulty, the exact response format and (build_chatml_bpe) the chat roles, so all of them
+    # get merges. Special tokens: pad <|endoftext|>, ChatML start, eos <|im_end|> (ids 0, 1, 2).
     for ex in task_examples(task, task_config, "train", 200, seed, style):
         texts += [ex.prompt, response_text(ex, task)]
-    texts += [render_chatml([{"role": r, "content": "."}]) for r in ("system", "user", "assistant")] * 50
-    core = train_byte_level_bpe(texts, TOKENIZER_VOCAB, SPECIAL_TOKENS)
-    hf = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 unk_token=None, additional_special_tokens=["<|im_start|>"],
-                                 chat_template=CHATML_TEMPLATE, model_max_length=MODEL_SHAPE["max_position_embeddings"],
-                                 clean_up_tokenization_spaces=False)
-    hf.save_pretrained(out_dir)
-    return core
+    return build_chatml_bpe(out_dir, texts, TOKENIZER_VOCAB, eos_token="<|im_end|>",
+                            model_max_length=MODEL_SHAPE["max_position_embeddings"])
 
 
 def tokenizer_samples(task: str, task_config: dict, seed: int, style: str = "task") -> list[str]:

@@ -15,12 +15,7 @@ from megatron_simko.rollout.base import (
     SamplingConfig,
     request_seed,
 )
-from megatron_simko.rollout.consistency import (
-    RolloutTensors,
-    logprob_mismatch,
-    pack_rollouts,
-    truncated_importance_weights,
-)
+from megatron_simko.rollout.consistency import logprob_mismatch, truncated_importance_weights
 from megatron_simko.rollout.engines import BACKENDS, build_engine
 from megatron_simko.rollout.sharding import RolloutLayout, dp_share, generate_global, shard_bounds
 from megatron_simko.rollout.stop_tokens import model_eos_token_ids, stop_token_ids
@@ -50,7 +45,6 @@ __all__ = [
     "RolloutLayout",
     "RolloutResult",
     "RolloutSample",
-    "RolloutTensors",
     "SamplingConfig",
     "SyncReport",
     "TransformersEngineConfig",
@@ -64,7 +58,6 @@ __all__ = [
     "generate_global",
     "logprob_mismatch",
     "model_eos_token_ids",
-    "pack_rollouts",
     "request_seed",
     "shard_bounds",
     "stop_token_ids",

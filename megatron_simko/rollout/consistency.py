@@ -1,12 +1,12 @@
-"""Is the policy in vLLM the policy being trained? Rollouts as trainer tensors, the per-step mismatch metric,
-and (optional) truncated importance sampling.
+"""Is the policy in vLLM the policy being trained? The per-step mismatch metric and (optional) truncated
+importance sampling.
 
 Alignment follows ``trainer/batch.py``: row b = prompt + response, right-padded; index t holds token t and
 its log-prob *as predicted from position t − 1*; ``loss_mask`` is True on response tokens only.
 
-Devices: rollouts arrive as Python lists; ``pack_rollouts`` builds CPU tensors. The functions below combine a
-trainer-side tensor (first argument) with rollout-side ones, compute on the trainer tensor's device (the
-rollout side is moved there explicitly) and reduce over a group on its backend's device
+Devices: rollouts arrive as Python lists; ``experience.pack_rollouts`` builds CPU tensors. The functions below
+combine a trainer-side tensor (first argument) with rollout-side ones, compute on the trainer tensor's device
+(the rollout side is moved there explicitly) and reduce over a group on its backend's device
 (``parallel.devices``).
 
 Temperature: the engine reports log softmax(z / T) of the distribution it sampled from (vLLM
@@ -16,44 +16,11 @@ Temperature: the engine reports log softmax(z / T) of the distribution it sample
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from megatron_simko.parallel.devices import all_reduce
-from megatron_simko.rollout.base import RolloutResult
-
-
-class RolloutTensors(NamedTuple):
-    tokens: torch.Tensor  # [B, S] int64, prompt + response, right-padded with pad_id
-    loss_mask: torch.Tensor  # [B, S] bool, True on response tokens
-    rollout_logprob: torch.Tensor  # [B, S] float32, the engine's log-prob at response positions, 0 elsewhere
-    lengths: torch.Tensor  # [B] int64, prompt + response length
-    prompt_index: torch.Tensor  # [B] int64, global prompt index of each row (GRPO groups)
-
-
-def pack_rollouts(results: Sequence[RolloutResult], pad_id: int = 0) -> RolloutTensors:
-    """One row per (prompt, sample), in order, as right-padded tensors aligned like ``RLBatch``."""
-    rows = [(r.prompt_index, r.prompt_token_ids, s) for r in results for s in r.samples]
-    if not rows:
-        raise ValueError("no rollouts to pack")
-    S = max(len(p) + len(s.token_ids) for _, p, s in rows)
-    B = len(rows)
-    tokens = torch.full((B, S), int(pad_id), dtype=torch.int64)
-    mask = torch.zeros(B, S, dtype=torch.bool)
-    logprob = torch.zeros(B, S, dtype=torch.float32)
-    lengths = torch.zeros(B, dtype=torch.int64)
-    index = torch.zeros(B, dtype=torch.int64)
-    for b, (pi, prompt, s) in enumerate(rows):
-        P, R = len(prompt), len(s.token_ids)
-        tokens[b, :P] = torch.tensor(prompt, dtype=torch.int64)
-        if R:
-            tokens[b, P:P + R] = torch.tensor(s.token_ids, dtype=torch.int64)
-            logprob[b, P:P + R] = torch.tensor(s.logprobs, dtype=torch.float32)
-            mask[b, P:P + R] = True
-        lengths[b] = P + R
-        index[b] = pi
-    return RolloutTensors(tokens, mask, logprob, lengths, index)
 
 
 def mismatch_sums(trainer_logprob: torch.Tensor, rollout_logprob: torch.Tensor,

@@ -9,7 +9,7 @@ Shapes (B sequences, S = padded length; every sequence is prompt + response, rig
     rollout_logprob  [B, S] float   optional: the rollout engine's log-prob of token t (for diagnostics)
     lengths          [B] int64      prompt + response length; positions ≥ lengths[b] are padding
     cov_select       [B, S] bool    optional: the KL-Cov / Clip-Cov token selection of this optimizer step
-                                    (trainer/step.py computes it over the whole mini-batch; losses/covariance.py)
+                                    (trainer/token_stats.py computes it over the whole mini-batch; losses/covariance.py)
 
 Alignment: every per-token tensor is aligned with ``tokens``; index t refers to token t *as predicted from
 position t − 1*. Index 0 is therefore never a response token (loss_mask[:, 0] is False) and the model's

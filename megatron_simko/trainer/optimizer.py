@@ -1,4 +1,5 @@
-"""megatron-core optimizer (Adam, optional distributed optimizer, gradient clipping), LR schedule, train_step.
+"""megatron-core optimizer (Adam, optional distributed optimizer, gradient clipping), LR schedule, and the
+non-finite-update guard that ``train_step`` (trainer/step.py) applies around each update.
 
 Precision: fp32 params and optimizer on CPU; on GPU bf16 params with fp32 main params, fp32 gradient buffers
 (DDP ``grad_reduce_in_fp32``) and fp32 Adam state (megatron-core's mixed-precision optimizer).
@@ -13,16 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List
 
 import torch
 
 from megatron_simko.config import OptimizerConfig
-from megatron_simko.losses import SimKOConfig
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu
 from megatron_simko.parallel.devices import all_reduce
-from megatron_simko.trainer.batch import RLBatch
-from megatron_simko.trainer.step import StepOutput, forward_backward, make_microbatches
 
 
 def build_optimizer(model_chunks: List[torch.nn.Module], cfg: OptimizerConfig, use_distributed_optimizer: bool = False):
@@ -131,55 +129,3 @@ def nonfinite_anywhere(loss: float, model_chunks: List[torch.nn.Module]) -> bool
         norms = torch.stack(torch._foreach_norm(grads)).float()  # one norm per tensor; overflow -> inf
         bad = torch.maximum(bad, (~torch.isfinite(norms)).any().float())
     return bool(all_reduce(bad, op="max").item() > 0)
-
-
-@dataclass
-class TrainStepOutput(StepOutput):
-    """StepOutput plus grad_norm (global, before clipping; None if the optimizer gave none, NaN if the update
-    was skipped for non-finite values), lr used, update_successful, skipped_nonfinite."""
-
-    grad_norm: Optional[float] = None
-    lr: float = 0.0
-    update_successful: bool = True
-    skipped_nonfinite: bool = False
-
-
-def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch: RLBatch, loss_cfg: SimKOConfig,
-               vocab_size: int, temperature: float = 1.0, num_microbatches: Optional[int] = None,
-               max_tokens: Optional[int] = None,
-               grad_hook: Optional[Callable[[List[torch.nn.Module]], None]] = None,
-               guard: Optional[BadUpdateGuard] = None, step: Optional[int] = None) -> TrainStepOutput:
-    """One optimizer step on this DP rank's share of the global batch (see step.py for the loss scaling).
-
-    Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing with the count
-    agreed over DP. Default: one micro-batch. ``grad_hook(model_chunks)``, if given, runs after the gradients
-    are final (reduced over DP, in each parameter's ``main_grad``) and before clipping and the update.
-    A non-finite loss or gradient norm on any rank skips the update everywhere (module docstring); ``guard``
-    counts it and stops the run after too many in a row (``step``: the RL step, for its message).
-    """
-    from megatron.core import parallel_state as mpu
-
-    if num_microbatches is None and max_tokens is None:
-        num_microbatches = 1
-    microbatches = make_microbatches(batch, num_microbatches, max_tokens, dp_group=mpu.get_data_parallel_group())
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
-                           selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
-    if grad_hook is not None:
-        grad_hook(model_chunks)
-    skipped = nonfinite_anywhere(out.loss, model_chunks)
-    if skipped:  # nothing moves, the LR schedule included (as megatron-core does for a skipped update)
-        update_successful, grad_norm, lr = False, math.nan, current_lr(optimizer)
-    else:
-        scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
-        lr = current_lr(optimizer)
-        with cuda_to_cpu():
-            update_successful, grad_norm, _ = optimizer.step()
-    if guard is not None:
-        guard.record(skipped, f"RL step {step}" if step is not None else "train_step")
-    return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,
-                           num_microbatches=out.num_microbatches,
-                           grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
-                           update_successful=bool(update_successful), skipped_nonfinite=skipped)

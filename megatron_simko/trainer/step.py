@@ -1,4 +1,6 @@
-"""Forward/backward over micro-batches with megatron-core's schedules, and forward-only token statistics.
+"""The training step: forward/backward of the SimKO loss over micro-batches with megatron-core's schedules
+(``forward_backward``), and one optimizer update around it (``train_step``; the optimizer, LR schedule and
+non-finite guard are trainer/optimizer.py's). Forward-only statistics: trainer/token_stats.py.
 
 Loss scaling (the one thing to get right). The objective is the token-mean of the per-token SimKO loss over
 the GLOBAL batch — all micro-batches on all data-parallel ranks — not a mean of per-micro-batch means:
@@ -32,110 +34,21 @@ micro-batch per GPU) when the mini-batch is a single micro-batch on a single DP 
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss, token_statistics
-from megatron_simko.losses.covariance import covariance_selection
-from megatron_simko.losses.fused_linear import DEFAULT_FUSED_CHUNK_TOKENS, linear_token_statistics
+from megatron_simko.losses import SimKOConfig, merge_metrics, simko_loss
 from megatron_simko.losses.simko import COVARIANCE_MODES
-from megatron_simko.losses.vocab_parallel import DEFAULT_CHUNK_TOKENS
 from megatron_simko.parallel.cpu_shims import cuda_to_cpu
-from megatron_simko.parallel.devices import all_reduce, collective_device, trainer_device
-from megatron_simko.models.output_head import output_layer_bypassed
-from megatron_simko.trainer.batch import RLBatch, token_budget_microbatches
-
-
-def causal_attention_mask(seq_len: int, device) -> torch.Tensor:
-    """[1, 1, s, s] bool, True = masked (megatron-core's convention): position i attends to j ≤ i only."""
-    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
-
-
-def make_microbatches(batch: RLBatch, num_microbatches: Optional[int] = None, max_tokens: Optional[int] = None,
-                      dp_group=None, min_microbatches: int = 1) -> List[RLBatch]:
-    """Either ``num_microbatches`` equal splits or token-budget packing (``max_tokens``), not both. Packing
-    under the interleaved pipeline schedule (virtual PP) makes a multiple of the PP size, as it requires."""
-    from megatron.core import parallel_state as mpu
-
-    if (num_microbatches is None) == (max_tokens is None):
-        raise ValueError("give exactly one of num_microbatches or max_tokens")
-    if num_microbatches is not None:
-        return batch.split(num_microbatches)
-    interleaved = (mpu.model_parallel_is_initialized()
-                   and (mpu.get_virtual_pipeline_model_parallel_world_size() or 1) > 1)
-    return token_budget_microbatches(batch, max_tokens, dp_group=dp_group, min_microbatches=min_microbatches,
-                                     multiple_of=mpu.get_pipeline_model_parallel_world_size() if interleaved else 1)
-
-
-def uniform_shapes(model_chunks, microbatches: List[RLBatch]) -> List[RLBatch]:
-    """Pad micro-batches to one [b, s] when a pipeline runs without variable_seq_lengths (the interleaved
-    schedule); otherwise return them unchanged."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model_chunks[0])
-    if mpu.get_pipeline_model_parallel_world_size() == 1 or config.variable_seq_lengths:
-        return microbatches
-    b = max(mb.batch_size for mb in microbatches)
-    s = max(mb.seq_len for mb in microbatches)
-    return [mb.pad_to(b, s) for mb in microbatches]
-
-
-def _model_arg(model_chunks):
-    return model_chunks if len(model_chunks) > 1 else model_chunks[0]
-
-
-def _data_iterator(model_chunks, microbatches):
-    if len(model_chunks) > 1:  # interleaved schedule: one iterator per chunk, same micro-batch order
-        return [iter(microbatches) for _ in model_chunks]
-    return iter(microbatches)
-
-
-def _forward_step(data_iterator, model, *, loss_func_factory, fused_linear: bool = False):
-    """megatron-core forward_step_func: one micro-batch through this stage; the loss closure for the last.
-    fused_linear: the last stage returns hidden states and the closure gets the output weight (models/output_head)."""
-    mb: RLBatch = next(data_iterator)
-    device = trainer_device()
-    tokens = mb.tokens.to(device)  # [b, s]
-    b, s = tokens.shape
-    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)  # right padding: start at 0
-    with output_layer_bypassed(model) if fused_linear else contextlib.nullcontext() as head:
-        # last stage: [b, s, V/TP] logits, or [b, s, H] final-norm hidden states (fused_linear)
-        output = model(input_ids=tokens, position_ids=position_ids, attention_mask=causal_attention_mask(s, device))
-    return output, functools.partial(loss_func_factory, mb, head=head)
-
-
-def _run_schedule(model_chunks, microbatches: List[RLBatch], func, forward_only: bool, fused_linear: bool = False):
-    """megatron-core's schedule (no PP / 1F1B / interleaved, by the parallel state) over ``microbatches``.
-
-    ``func(mb, output, head=...)`` runs on the last stage: a loss function (forward_only=False) or a statistics
-    function whose results the schedule collects (forward_only=True, ``collect_non_loss_data``). output = the
-    logits and head = None, or with fused_linear the hidden states and the OutputHead holding the output weight."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    kwargs = dict(collect_non_loss_data=True) if forward_only else {}
-    with cuda_to_cpu():
-        return get_forward_backward_func()(
-            forward_step_func=functools.partial(_forward_step, loss_func_factory=func, fused_linear=fused_linear),
-            data_iterator=_data_iterator(model_chunks, microbatches),
-            model=_model_arg(model_chunks),
-            num_microbatches=len(microbatches),
-            seq_length=max(mb.seq_len for mb in microbatches),
-            micro_batch_size=max(mb.batch_size for mb in microbatches),
-            forward_only=forward_only,
-            **kwargs,
-        )
-
-
-def shift_left(t: torch.Tensor, fill) -> torch.Tensor:
-    """[b, s, ...] → [b, s, ...]: out[:, i] = t[:, i + 1], the last position filled with ``fill``."""
-    return torch.cat([t[:, 1:], t.new_full((t.shape[0], 1) + tuple(t.shape[2:]), fill)], dim=1)
+from megatron_simko.parallel.devices import all_reduce
+from megatron_simko.trainer.batch import RLBatch
+from megatron_simko.trainer.optimizer import BadUpdateGuard, current_lr, nonfinite_anywhere
+from megatron_simko.trainer.schedule import make_microbatches, run_schedule, shift_left, uniform_shapes
+from megatron_simko.trainer.token_stats import last_stage_token_stats, with_covariance_selection
 
 
 def _shifted(mb: RLBatch, device):
@@ -147,18 +60,6 @@ def _shifted(mb: RLBatch, device):
     cov_select = shift_left(mb.cov_select.to(device), False) if mb.cov_select is not None else None
     return (shift_left(mb.tokens.to(device), 0), shift_left(mb.old_logprob.to(device), 0.0), advantages,
             shift_left(mb.loss_mask.to(device), False), cov_select)
-
-
-def last_stage_token_stats(output: torch.Tensor, head, targets: torch.Tensor, top_k: int, tp_group,
-                           temperature: float, vocab_size: int, mask: torch.Tensor, backend: str,
-                           chunk_tokens: int, fused_chunk_tokens: int):
-    """TokenStats of the last stage's output: from the logits [b, s, V/TP] (head None), or from the hidden states
-    [b, s, H] and head.weight [V/TP, H] without logits (losses/fused_linear.py). Same statistics either way."""
-    if head is None:
-        return token_statistics(output, targets, top_k, tp_group=tp_group, temperature=temperature,
-                                vocab_size=vocab_size, mask=mask, chunk_tokens=chunk_tokens, backend=backend)
-    return linear_token_statistics(output, head.weight, targets, top_k, tp_group=tp_group, temperature=temperature,
-                                   vocab_size=vocab_size, mask=mask, chunk_tokens=fused_chunk_tokens, backend=backend)
 
 
 def _finalize_grads_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -220,7 +121,7 @@ def forward_backward(model_chunks: List[torch.nn.Module], microbatches: List[RLB
     if loss_cfg.mode in COVARIANCE_MODES:
         microbatches = with_covariance_selection(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
                                                  dp_group, selection_seed)
-    per_mb = _run_schedule(model_chunks, microbatches, loss_func, forward_only=False,
+    per_mb = run_schedule(model_chunks, microbatches, loss_func, forward_only=False,
                            fused_linear=loss_cfg.fused_linear)
     loss_sum = sum(m["loss"] for m in per_mb)  # each already Σ/N: the sum is this rank's share of L
     metrics = merge_metrics(per_mb) if per_mb else {}
@@ -259,168 +160,53 @@ def _broadcast_from_last_stage(obj):
     return holder[0]
 
 
-# --------------------------------------------------------------------------------------------------
-# Forward-only statistics
-# --------------------------------------------------------------------------------------------------
-
-
 @dataclass
-class PerTokenStats:
-    """Per-token statistics aligned with ``batch.tokens`` (index t = token t predicted from position t − 1),
-    on the trainer device (``parallel.devices.trainer_device``).
+class TrainStepOutput(StepOutput):
+    """StepOutput plus grad_norm (global, before clipping; None if the optimizer gave none, NaN if the update
+    was skipped for non-finite values), lr used, update_successful, skipped_nonfinite."""
 
-    target_logprob [B, S] f32, entropy [B, S] f32, topk_logprob [B, S, K] f32, topk_ids [B, S, K] int64
-    (global vocabulary ids), is_rank1 [B, S] bool. Index 0 and padding positions (t ≥ lengths[b]) hold 0
-    (ids: −1, is_rank1: False). Prompt positions 1..prompt_len−1 are filled too (any caller may mask them).
-    """
-
-    target_logprob: torch.Tensor
-    entropy: torch.Tensor
-    topk_logprob: torch.Tensor
-    topk_ids: torch.Tensor
-    is_rank1: torch.Tensor
-
-    def fields(self):
-        return [self.target_logprob, self.entropy, self.topk_logprob, self.topk_ids, self.is_rank1]
+    grad_norm: Optional[float] = None
+    lr: float = 0.0
+    update_successful: bool = True
+    skipped_nonfinite: bool = False
 
 
-def _empty_stats(B: int, S: int, K: int, device) -> PerTokenStats:
-    return PerTokenStats(
-        target_logprob=torch.zeros(B, S, dtype=torch.float32, device=device),
-        entropy=torch.zeros(B, S, dtype=torch.float32, device=device),
-        topk_logprob=torch.zeros(B, S, K, dtype=torch.float32, device=device),
-        topk_ids=torch.full((B, S, K), -1, dtype=torch.int64, device=device),
-        is_rank1=torch.zeros(B, S, dtype=torch.bool, device=device),
-    )
+def train_step(model_chunks: List[torch.nn.Module], optimizer, scheduler, batch: RLBatch, loss_cfg: SimKOConfig,
+               vocab_size: int, temperature: float = 1.0, num_microbatches: Optional[int] = None,
+               max_tokens: Optional[int] = None,
+               grad_hook: Optional[Callable[[List[torch.nn.Module]], None]] = None,
+               guard: Optional[BadUpdateGuard] = None, step: Optional[int] = None) -> TrainStepOutput:
+    """One optimizer step on this DP rank's share of the global batch (module docstring: the loss scaling).
 
-
-def _forward_only_token_stats(model_chunks, microbatches: List[RLBatch], top_k: int, vocab_size: int,
-                              temperature: float, backend: str = "auto", fused_linear: bool = False,
-                              fused_chunk_tokens: int = DEFAULT_FUSED_CHUNK_TOKENS):
-    """One forward-only pass of the schedule: [(mb, valid [b, s−1], TokenStats)] on the last stage ([] elsewhere)."""
-    from megatron.core import parallel_state as mpu
-
-    tp_group = mpu.get_tensor_model_parallel_group()
-
-    def stats_func(mb: RLBatch, output: torch.Tensor, head=None, non_loss_data: bool = True):
-        b, s = mb.tokens.shape
-        targets = shift_left(mb.tokens.to(output.device), 0)  # [b, s]: position t predicts token t + 1
-        valid = torch.arange(1, s + 1, device=output.device) < mb.lengths.to(output.device).unsqueeze(1)  # [b, s]
-        st = last_stage_token_stats(output, head, targets, top_k, tp_group, temperature, vocab_size, valid, backend,
-                                    DEFAULT_CHUNK_TOKENS, fused_chunk_tokens)
-        # the statistics of positions 0..s−2 (small [b, s(, K)] tensors; the last position predicts nothing)
-        return mb, valid[:, :-1], type(st)(*(t[:, :-1] for t in st))
-
-    for chunk in model_chunks:
-        chunk.eval()
-    try:
-        outputs = _run_schedule(model_chunks, microbatches, stats_func, forward_only=True, fused_linear=fused_linear)
-    finally:
-        for chunk in model_chunks:
-            chunk.train()
-    return outputs if mpu.is_pipeline_last_stage(ignore_virtual=True) else []
-
-
-def _scatter_stats(outputs, out: PerTokenStats) -> PerTokenStats:
-    """Write the micro-batches' statistics into ``out`` (aligned with the batch the micro-batches index)."""
-    device = out.target_logprob.device
-    for mb, valid, st in outputs:
-        real = (mb.indices >= 0).to(device)  # dummy rows from uniform_shapes carry index −1
-        rows = mb.indices.to(device)[real]
-        cols = slice(1, mb.seq_len)
-        v, st = valid[real], type(st)(*(t[real] for t in st))
-        out.target_logprob[rows, cols] = torch.where(v, st.target_logprob, 0.0)
-        out.entropy[rows, cols] = torch.where(v, st.entropy, 0.0)
-        out.topk_logprob[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_logprob, 0.0)
-        out.topk_ids[rows, cols] = torch.where(v.unsqueeze(-1), st.topk_ids, -1)
-        out.is_rank1[rows, cols] = st.is_rank1 & v
-    return out
-
-
-@torch.no_grad()
-def compute_token_stats(model_chunks: List[torch.nn.Module], batch: RLBatch, top_k: int, vocab_size: int,
-                        temperature: float = 1.0, num_microbatches: Optional[int] = None,
-                        max_tokens: Optional[int] = None,
-                        broadcast_to_all_stages: bool = False, backend: str = "auto", fused_linear: bool = False,
-                        fused_chunk_tokens: int = DEFAULT_FUSED_CHUNK_TOKENS) -> Optional[PerTokenStats]:
-    """Forward-only pass through the same schedule: per-token target log-prob, entropy and top-K.
-
-    Use it for the old-policy log-probs (``old_logprob = stats.target_logprob``) and for metrics (Λ^(k)).
-    Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing (default: one
-    micro-batch). The last pipeline stage computes the statistics; other stages return None unless
-    ``broadcast_to_all_stages`` (then every rank of this pipeline receives them: O(B·S·K) numbers per call).
-    Every TP rank of the last stage returns identical statistics (the loss library merges the vocabulary
-    shards). No DP communication: each DP rank computes its own batch. ``backend``: the loss backend
-    (SimKOConfig.backend) of ``token_statistics``; ``fused_linear`` / ``fused_chunk_tokens``: statistics from the
-    hidden states without logits (SimKOConfig.fused_linear / fused_chunk_tokens).
+    Micro-batching: ``num_microbatches`` equal splits, or ``max_tokens`` token-budget packing with the count
+    agreed over DP. Default: one micro-batch. ``grad_hook(model_chunks)``, if given, runs after the gradients
+    are final (reduced over DP, in each parameter's ``main_grad``) and before clipping and the update.
+    A non-finite loss or gradient norm on any rank skips the update everywhere (trainer/optimizer.py); ``guard``
+    counts it and stops the run after too many in a row (``step``: the RL step, for its message).
     """
     from megatron.core import parallel_state as mpu
 
     if num_microbatches is None and max_tokens is None:
         num_microbatches = 1
-    microbatches = uniform_shapes(model_chunks, make_microbatches(batch, num_microbatches, max_tokens))
-    device = trainer_device()
-    outputs = _forward_only_token_stats(model_chunks, microbatches, top_k, vocab_size, temperature, backend,
-                                        fused_linear, fused_chunk_tokens)
-
-    B, S = batch.tokens.shape
-    is_last = mpu.is_pipeline_last_stage(ignore_virtual=True)
-    if not is_last and not broadcast_to_all_stages:
-        return None
-    out = _scatter_stats(outputs, _empty_stats(B, S, top_k, device))
-    if broadcast_to_all_stages and mpu.get_pipeline_model_parallel_world_size() > 1:
-        src = mpu.get_pipeline_model_parallel_last_rank()
-        group = mpu.get_pipeline_model_parallel_group()
-        on = collective_device(group)
-        for t in out.fields():
-            buf = t.to(on, torch.uint8 if t.dtype == torch.bool else t.dtype)  # gloo has no bool collectives
-            dist.broadcast(buf, src=src, group=group)
-            if buf is not t:
-                t.copy_(buf)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# KL-Cov / Clip-Cov: the token selection over the optimizer mini-batch (module docstring)
-# --------------------------------------------------------------------------------------------------
-
-
-def _rows_of(microbatches: List[RLBatch], device):
-    """This rank's mini-batch re-assembled from its micro-batches by ``indices``: (loss_mask, advantages,
-    old_logprob) [B, S] aligned with tokens, B = rows, S = the longest micro-batch."""
-    B = 1 + max(int(mb.indices.max()) for mb in microbatches)
-    S = max(mb.seq_len for mb in microbatches)
-    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
-    adv = torch.zeros(B, S, dtype=torch.float32, device=device)
-    old = torch.zeros(B, S, dtype=torch.float32, device=device)
-    for mb in microbatches:
-        real = mb.indices >= 0
-        rows, s = mb.indices[real].to(device), mb.seq_len
-        a = mb.advantages[real].to(device, torch.float32)
-        mask[rows, :s] = mb.loss_mask[real].to(device)
-        adv[rows, :s] = a if a.dim() == 2 else a.unsqueeze(1).expand(-1, s)
-        old[rows, :s] = mb.old_logprob[real].to(device, torch.float32)
-    return mask, torch.where(mask, adv, 0.0), torch.where(mask, old, 0.0)
-
-
-@torch.no_grad()
-def with_covariance_selection(model_chunks, microbatches: List[RLBatch], loss_cfg: SimKOConfig, vocab_size: int,
-                              temperature: float, dp_group, seed: int) -> List[RLBatch]:
-    """The micro-batches with ``cov_select`` set on the last stage (unchanged elsewhere): the tokens KL-Cov
-    penalises / Clip-Cov zeroes, chosen over all micro-batches of all DP ranks from the current policy's log π."""
-    outputs = _forward_only_token_stats(model_chunks, microbatches, loss_cfg.top_k, vocab_size, temperature,
-                                        loss_cfg.backend, loss_cfg.fused_linear, loss_cfg.fused_chunk_tokens)
-    if not outputs:  # not the last pipeline stage: no loss here
-        return microbatches
-    device = trainer_device()
-    mask, adv, old = _rows_of(microbatches, device)
-    stats = _scatter_stats(outputs, _empty_stats(mask.shape[0], mask.shape[1], loss_cfg.top_k, device))
-    selected = covariance_selection(loss_cfg.mode, adv, stats.target_logprob, old, mask, loss_cfg, group=dp_group,
-                                    seed=seed)  # [B, S], canonical order = rows of this rank, DP rank by rank
-    out = []
-    for mb in microbatches:
-        sel = torch.zeros(mb.tokens.shape, dtype=torch.bool, device=mb.tokens.device)
-        real = mb.indices >= 0
-        sel[real] = selected[mb.indices[real].to(device), :mb.seq_len].to(sel.device)
-        out.append(dataclasses.replace(mb, cov_select=sel))
-    return out
+    microbatches = make_microbatches(batch, num_microbatches, max_tokens, dp_group=mpu.get_data_parallel_group())
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = forward_backward(model_chunks, microbatches, loss_cfg, vocab_size, temperature,
+                           selection_seed=scheduler.num_steps)  # Clip-Cov: a new draw per update
+    if grad_hook is not None:
+        grad_hook(model_chunks)
+    skipped = nonfinite_anywhere(out.loss, model_chunks)
+    if skipped:  # nothing moves, the LR schedule included (as megatron-core does for a skipped update)
+        update_successful, grad_norm, lr = False, math.nan, current_lr(optimizer)
+    else:
+        scheduler.step(increment=1)  # this update's slot: update k runs at the schedule's lr(k) (build_scheduler)
+        lr = current_lr(optimizer)
+        with cuda_to_cpu():
+            update_successful, grad_norm, _ = optimizer.step()
+    if guard is not None:
+        guard.record(skipped, f"RL step {step}" if step is not None else "train_step")
+    return TrainStepOutput(loss=out.loss, metrics=out.metrics, num_tokens=out.num_tokens,
+                           num_microbatches=out.num_microbatches,
+                           grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
+                           update_successful=bool(update_successful), skipped_nonfinite=skipped)
