@@ -17,7 +17,10 @@ rank's weight shard W [V/TP, H]):
 Every (path, TP) runs in its own process (TP 2: a torchrun of 2 gloo ranks, each holding V/2 rows; the figures
 are the larger of the two ranks), so that each peak is its own. extra MiB = peak resident memory during the
 runs − resident memory after building the inputs (CPU: ru_maxrss − RSS; CUDA: max_memory_allocated −
-memory_allocated), the returned gradients included; ms = median wall time of one forward + backward after a
+memory_allocated), the returned gradients included; tensor MiB = the exact peak of live tensor bytes allocated
+during one more (untimed) step, the returned gradients included (tensor_memory.TensorPeak: every aten op's new
+storages until they are freed — CPU's counterpart of max_memory_allocated, without what the C allocator keeps
+after a free; --show-peak lists what is alive then); ms = median wall time of one forward + backward after a
 warm-up; ms CPU = median CPU time of this process per forward + backward (the larger rank's), which other jobs
 on a shared CPU disturb far less than the wall time. Read the ratios, not the absolute ms.
 On CUDA the bound of the fused path is printed beside it: four N·H·V/TP GEMMs (the forward logits, their
@@ -34,6 +37,7 @@ import sys
 import time
 
 from loss_bench import timed  # the same timing and peak-memory rule as the loss benchmark (this folder)
+from tensor_memory import TensorPeak, describe  # the exact tensor peak (this folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = ("sliced", "whole", "fused")
@@ -104,8 +108,12 @@ def child(args) -> dict:
         return out
 
     ms, peak = timed(torch, cuda, step_with_cpu_time, args.repeats)  # loss_bench's rule: median ms, extra peak
+    with TensorPeak() as probe:  # one more step, untimed: the exact peak of live tensor bytes and what is alive then
+        out = step()
+    del out
     row = dict(path=args.path, tp=tp, rank=rank, ms=ms, cpu_ms=statistics.median(cpu_ms[1:]),
-               extra_mib=peak / 2 ** 20)
+               extra_mib=peak / 2 ** 20, tensor_mib=probe.peak_bytes / 2 ** 20,
+               at_peak=describe(probe.at_peak))
     if tp_group is not None:
         dist.destroy_process_group()
     return row
@@ -128,8 +136,9 @@ def launch(args, path: str, tp: int) -> dict:
     rows = [json.loads(line[len("ROW "):]) for line in res.stdout.splitlines() if line.startswith("ROW ")]
     if res.returncode != 0 or len(rows) != tp:
         raise RuntimeError(f"{path} TP {tp} failed (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-4000:]}")
+    top = max(rows, key=lambda r: r["tensor_mib"])
     return dict(path=path, tp=tp, ms=max(r["ms"] for r in rows), cpu_ms=max(r["cpu_ms"] for r in rows),
-                extra_mib=max(r["extra_mib"] for r in rows))
+                extra_mib=max(r["extra_mib"] for r in rows), tensor_mib=top["tensor_mib"], at_peak=top["at_peak"])
 
 
 def parse_args(argv=None):
@@ -148,6 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--show-peak", action="store_true", help="list the tensors (≥ 1 MiB) alive at each tensor peak")
     p.add_argument("--json", help="write the rows here too")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -175,14 +185,17 @@ def main(argv=None) -> int:
                 bound = f"  (four-GEMM bound {flops / (args.peak_tflops * 1e12) * 1e3:.2f} ms at " \
                         f"{args.peak_tflops:g} TFLOP/s: {r['ms'] / (flops / (args.peak_tflops * 1e9)):.2f}x)"
             print(f"TP {tp}  {path:7s}  {r['ms']:9.1f} ms  {r['cpu_ms']:9.1f} ms CPU  {r['extra_mib']:9.1f} MiB extra peak"
-                  f"{bound}", flush=True)
-    print("\nratios against `whole` (the logits path) at the same TP (wall time, CPU time, extra peak memory):")
+                  f"  {r['tensor_mib']:9.1f} MiB tensor peak{bound}", flush=True)
+            if args.show_peak:
+                print("\n".join("        " + line for line in r["at_peak"]), flush=True)
+    print("\nratios against `whole` (the logits path) at the same TP (wall time, CPU time, extra peak memory, "
+          "tensor peak):")
     for r in rows:
         base = next((b for b in rows if b["tp"] == r["tp"] and b["path"] == "whole"), None)
         if base is not None and r is not base:
             print(f"TP {r['tp']}  {r['path']:7s}  time {r['ms'] / base['ms']:.2f}x  CPU time "
                   f"{r['cpu_ms'] / base['cpu_ms']:.2f}x  memory "
-                  f"{r['extra_mib'] / base['extra_mib']:.2f}x")
+                  f"{r['extra_mib'] / base['extra_mib']:.2f}x  tensor peak {r['tensor_mib'] / base['tensor_mib']:.2f}x")
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=1)
