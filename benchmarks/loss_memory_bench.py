@@ -83,10 +83,12 @@ def child(args) -> dict:
         if args.path == "sliced":
             logits = torch.matmul(h, w.t())  # [B, L, V/TP]
             loss, _ = simko_loss(logits[:, :-1], targets[:, 1:], old[:, 1:], adv, mask[:, 1:], cfg, **kw)
+            del logits  # as in the trainer, only autograd holds the logits in backward (freed after the loss's)
         elif args.path == "whole":
             logits = torch.matmul(h, w.t())
             loss, _ = simko_loss(logits, shift_left(targets, 0), shift_left(old, 0.0), adv,
                                  shift_left(mask, False), cfg, **kw)
+            del logits
         elif args.path == "fused":
             t, o, m = shift_left(targets, 0), shift_left(old, 0.0), shift_left(mask, False)
             st = linear_token_statistics(h, w, t, cfg.top_k, mask=m, chunk_tokens=cfg.fused_chunk_tokens,
