@@ -16,8 +16,10 @@ rank's weight shard W [V/TP, H]):
 
 Every (path, TP) runs in its own process (TP 2: a torchrun of 2 gloo ranks, each holding V/2 rows; the figures
 are the larger of the two ranks), so that each peak is its own. extra MiB = peak resident memory during the
-runs − resident memory after building the inputs (CPU: ru_maxrss − RSS; CUDA: max_memory_allocated −
-memory_allocated), the returned gradients included; tensor MiB = the exact peak of live tensor bytes allocated
+runs − resident memory after building the inputs and a first step on 8 tokens per response (CPU: ru_maxrss −
+RSS; CUDA: max_memory_allocated − memory_allocated), the returned gradients included; the first step pages in the
+library code the path runs, which RSS counts (~15 MiB), then malloc_trim(0) hands back the heap it freed, so
+that "extra" is the path's data; tensor MiB = the exact peak of live tensor bytes allocated
 during one more (untimed) step, the returned gradients included (tensor_memory.TensorPeak: every aten op's new
 storages until they are freed — CPU's counterpart of max_memory_allocated, without what the C allocator keeps
 after a free; --show-peak lists what is alive then); ms = median wall time of one forward + backward after a
@@ -29,6 +31,8 @@ recomputation, ∂h, ∂W) at the GPU's dense bf16/fp32 peak given by --peak-tfl
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -77,7 +81,7 @@ def child(args) -> dict:
     mask[:, 0] = False
     kw = dict(tp_group=tp_group, vocab_size=V)
 
-    def step():
+    def step(hidden=hidden, targets=targets, old=old, mask=mask):
         h = hidden.detach().requires_grad_()
         w = weight.detach().requires_grad_()
         if args.path == "sliced":
@@ -98,6 +102,13 @@ def child(args) -> dict:
             raise ValueError(f"unknown path {args.path!r}")
         loss.backward()
         return h.grad, w.grad
+
+    # First use, on 8 tokens per response: the same ops page in their library code and initialise their
+    # libraries (RSS counts code pages too) before the inputs' RSS is read, so that "extra" is the path's memory.
+    first = step(*[x[:, :8].contiguous() for x in (hidden, targets, old, mask)])
+    del first
+    if not cuda:  # and glibc returns what that step freed, so that no free heap is counted into the base
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
     if tp_group is not None:
         dist.barrier()

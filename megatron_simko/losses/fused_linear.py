@@ -26,9 +26,9 @@ as ColumnParallelLinear's backward reduces the output layer's input gradient. Pa
 
 Memory beyond h, W and their gradients ∂h, ∂W (the backward's outputs, allocated once): one buffer of
 chunk_tokens·n_real elements in h's dtype, allocated once per pass and reused by every chunk/block (GEMM out=),
-plus the fp32 work buffers of vocab_parallel of the same size (forward: one; backward: none for fp32 — the
-gradient is formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient) and
-O(N·K). The backward's peak is therefore ∂W + ∂h + one chunk; benchmarks/loss_memory_bench.py prints it.
+plus the fp32 work buffers of vocab_parallel of the same size (forward: none for fp32 — z − m_r is formed in the
+chunk's own buffer, e^{z−m_r} 64 rows at a time —, one for bf16/fp16; backward: none for fp32 — the gradient is
+formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient) and O(N·K). The backward's peak is therefore ∂W + ∂h + one chunk; benchmarks/loss_memory_bench.py prints it.
 ∂h is accumulated in h's dtype, one rounding per block (bf16: see docs/performance.md for the measured tolerance).
 """
 from __future__ import annotations
@@ -58,6 +58,22 @@ def vocab_block_width(n_tokens: int, n_real: int, chunk_tokens: int) -> int:
     return max(1, min(n_real, chunk_tokens * n_real // max(n_tokens, 1)))
 
 
+def _own_chunk_partials(x, targets, top_k, shard, inv_t, rows=64) -> torch.Tensor:
+    """vocab_parallel.local_partials of an fp32 chunk x [n, n_real] that the caller owns and lets go of: the same
+    named steps (local_topk, local_target_logit, then S_r, E_r as local_exp_sums forms them), but y = z − m_r
+    overwrites x, so the only new buffer is e^y for `rows` rows at a time (not two fp32 [n/2, n_real] buffers)."""
+    values, ids = vp.local_topk(x, top_k, shard, inv_t)
+    target_z = vp.local_target_logit(x, targets, shard, inv_t)
+    y = torch.add(-values[:, :1], x, alpha=inv_t, out=x)  # z − m_r, in x's own buffer
+    sum_exp = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    sum_exp_z = torch.empty_like(sum_exp)
+    for a in range(0, x.shape[0], rows):
+        e = torch.exp(y[a:a + rows])
+        sum_exp[a:a + rows] = e.sum(dim=1)
+        sum_exp_z[a:a + rows] = e.mul_(y[a:a + rows]).sum(dim=1)
+    return vp.pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
+
+
 def fused_forward(hidden2d, weight, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend):
     """Chunked GEMM + local partials → one all-gather → merge. Returns vocab_parallel._forward's 5-tuple."""
     N = hidden2d.shape[0]
@@ -68,7 +84,10 @@ def fused_forward(hidden2d, weight, targets1d, top_k, tp_group, temperature, sha
     for a in range(0, N, chunk_tokens):
         b = min(a + chunk_tokens, N)
         x = torch.matmul(hidden2d[a:b], w_real_t, out=_view(flat, b - a, shard.n_real))  # GEMM 1: [n, n_real]
-        partials[a:b] = vp.local_partials(x, targets1d[a:b], top_k, shard, inv_t, chunk_tokens, backend)
+        if backend == "torch" and x.dtype == torch.float32 and shard.n_real > 0:
+            partials[a:b] = _own_chunk_partials(x, targets1d[a:b], top_k, shard, inv_t)
+        else:  # bf16/fp16 (z − m_r is formed in fp32) and the Triton kernel
+            partials[a:b] = vp.local_partials(x, targets1d[a:b], top_k, shard, inv_t, chunk_tokens, backend)
     del flat
     return vp.gather_and_merge(partials, top_k, tp_group, shard)
 
