@@ -155,6 +155,9 @@ def launch(args, path: str, tp: int) -> dict:
 
 
 def parse_args(argv=None):
+    sys.path.insert(0, REPO)
+    from megatron_simko.losses.fused_linear import DEFAULT_FUSED_CHUNK_TOKENS
+
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -164,7 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--responses", type=int, default=8, help="b (> 1: the sliced path copies)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--chunk-tokens", type=int, default=2048)
-    p.add_argument("--fused-chunk-tokens", type=int, default=512)
+    p.add_argument("--fused-chunk-tokens", type=int, default=DEFAULT_FUSED_CHUNK_TOKENS, help="loss.fused_chunk_tokens")
     p.add_argument("--backend", default="torch", choices=["torch", "triton", "auto"])
     p.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA: dense GEMM peak for the FLOP bound")
     p.add_argument("--repeats", type=int, default=3)

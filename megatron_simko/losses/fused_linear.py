@@ -40,7 +40,7 @@ import torch
 from . import triton_kernels
 from . import vocab_parallel as vp
 
-DEFAULT_FUSED_CHUNK_TOKENS = 512
+DEFAULT_FUSED_CHUNK_TOKENS = 128  # the measured choice: docs/performance.md "The default"
 
 
 def _flat_buffer(numel: int, dtype, device) -> torch.Tensor:
