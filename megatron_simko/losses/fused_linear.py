@@ -28,7 +28,9 @@ Memory beyond h, W and their gradients ∂h, ∂W (the backward's outputs, alloc
 chunk_tokens·n_real elements in h's dtype, allocated once per pass and reused by every chunk/block (GEMM out=),
 plus the fp32 work buffers of vocab_parallel of the same size (forward: none for fp32 — z − m_r is formed in the
 chunk's own buffer, e^{z−m_r} 64 rows at a time —, one for bf16/fp16; backward: none for fp32 — the gradient is
-formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient) and O(N·K). The backward's peak is therefore ∂W + ∂h + one chunk; benchmarks/loss_memory_bench.py prints it.
+formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient; the Triton
+kernel's gradient buffer instead) and O(N·K). The fp32 backward's peak is therefore ∂W + ∂h + one chunk
+(benchmarks/loss_memory_bench.py --show-peak lists it; tests/test_loss_fused_linear.py checks it).
 ∂h is accumulated in h's dtype, one rounding per block (bf16: see docs/performance.md for the measured tolerance).
 """
 from __future__ import annotations
