@@ -45,7 +45,7 @@ FUSED_BACKEND = os.environ.get("FUSED_BACKEND", "torch")
 FP32 = dict(rtol=1e-6, atol=1e-6)
 # bf16: both paths multiply the same bf16 h and W; the logits path rounds h Wᵀ once to bf16 as a whole, the
 # fused path per chunk — the same values. ∂h, ∂W are bf16 GEMM outputs of (near-)identical bf16 logit
-# gradients; ∂W is accumulated over chunks in bf16 (one rounding per chunk): a few bf16 ulps.
+# gradients; ∂h is accumulated over vocabulary blocks in bf16 (one rounding per block): a few bf16 ulps.
 BF16 = dict(rtol=2.0 ** -5, atol=2e-3)
 BASE = dict(B=4, L=12, vocab_size=ROWS, top_k=3, temperature=1.0, mode="simko", alpha=0.3, lam=2.0, adv="B",
             dtype="fp32", chunk=7, entropy_coef=0.0, sp=False, tied=False)

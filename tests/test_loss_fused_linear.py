@@ -4,13 +4,20 @@ One launch per TP size runs every case of tests/fused_linear_worker.py (loss, �
 TP > 1 also against one device; sequence parallelism through megatron-core's gather/reduce-scatter mapping;
 tied weights; bf16); the tests below report its per-case verdicts.
 """
+import os
+import sys
+
 import pytest
 import torch
 
 import fused_linear_worker as worker
 from loss_dist_worker import launch
+from megatron_simko.losses import SimKOConfig, simko_loss
 from megatron_simko.losses import triton_kernels as tk
 from megatron_simko.losses.fused_linear import linear_token_statistics
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from tensor_memory import TensorPeak  # noqa: E402  (benchmarks/: the loss memory benchmark's exact tensor peak)
 
 TP_SIZES = (1, 2, 4)
 
@@ -84,3 +91,34 @@ def test_memory_estimate_counts_the_fused_chunk_not_the_logits():
     fused = estimate_memory(arch, 2, 1, 16, 16384, fused_chunk_tokens=512)
     assert fused.logits < plain.logits / 10 and "fused loss chunk buffers" in fused.table(80.0)
     assert fused.train_phase == plain.train_phase - plain.logits + fused.logits
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01], ids=["beta_only", "entropy_bonus"])
+def test_peak_tensor_memory_is_grads_plus_one_chunk(entropy_coef):
+    """Forward + backward of the fused path allocate no [N, V] tensor: the exact peak of live tensor bytes
+    (benchmarks/tensor_memory.TensorPeak, which sees the backward too — the logits path below is the control) is
+    ∂W + ∂h + one [chunk, V] buffer (two with an entropy gradient, fp32) + O(N) per-token state."""
+    B, L, H, V, K, chunk = 4, 64, 32, 1024, 3, 32
+    N = B * L
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(B, L, H, generator=g), torch.randn(V, H, generator=g) / H ** 0.5
+    targets = torch.randint(0, V, (B, L), generator=g)
+    old, adv, mask = -torch.rand(B, L, generator=g), torch.randn(B, generator=g), torch.ones(B, L, dtype=torch.bool)
+    cfg = SimKOConfig(top_k=K, entropy_coef=entropy_coef, backend="torch")
+    peaks = {}
+    for path in ("fused", "logits"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with TensorPeak() as probe:
+            if path == "fused":
+                st = linear_token_statistics(h, w, targets, K, mask=mask, chunk_tokens=chunk, backend="torch")
+                loss, _ = simko_loss(None, targets, old, adv, mask, cfg, stats=st)
+            else:
+                loss, _ = simko_loss(h @ w.t(), targets, old, adv, mask, cfg)
+            loss.backward()
+        assert w.grad is not None and h.grad is not None
+        peaks[path] = probe
+    buffers = 1 if entropy_coef == 0 else 2
+    fused, logits = peaks["fused"], peaks["logits"]
+    assert fused.largest_bytes <= max(V * H, N * H, chunk * V) * 4, fused.largest
+    assert fused.peak_bytes <= (V * H + N * H + buffers * chunk * V) * 4 + 256 * N, fused.at_peak
+    assert logits.largest_bytes >= N * V * 4 and logits.peak_bytes >= 2 * N * V * 4  # logits and their gradient

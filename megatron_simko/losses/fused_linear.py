@@ -11,18 +11,27 @@ Forward, per chunk of n = chunk_tokens tokens (symbols of vocab_parallel.py, z =
 then the same single all-gather of the [N, 2K+3] partials over TP and merge_partials: the only communication.
 Saved: references to h and W, the targets, the top-K ids, log Z and H — O(N·K) new memory.
 
-Backward, per chunk, no communication: x is recomputed (GEMM 2), its gradient formed in place by
-vocab_parallel.softmax_gradient_chunk (the same β and entropy-bonus formulas as the logits path)
+Backward, per vocabulary block of width nb = chunk_tokens·n_real / N (vocab_block_width: the same number of
+elements as a forward chunk), no communication: the block's logits x = h W[v0:v1]ᵀ [N, nb] are recomputed (GEMM 2)
+and their gradient formed in place by vocab_parallel.softmax_gradient_chunk (the same β and entropy-bonus formulas
+as the logits path; the block is a sub-shard: an id's indicator is added by the block that holds it)
     G = ∂/∂x = (Σ_m β_m (1[j = m] − π_j) − g_H π_j (log π_j + H)) / T
-    ∂h[a:b] = G W_real                          (GEMM 3)        ∂W_real += Gᵀ h[a:b]             (GEMM 4)
+    ∂h += G W[v0:v1]                              (GEMM 3)        ∂W[v0:v1] = Gᵀ h                  (GEMM 4)
+Blocks over the vocabulary rather than chunks over the tokens: each ∂W row is written once by one GEMM over all N
+tokens (no zero fill, no read-modify-write of the [V_local, H] ∂W per chunk, one rounding in bf16); what is
+accumulated is ∂h [N, H] instead, N·H per block — smaller than V_local·H whenever N < V_local.
 ∂h is this shard's share only. The sum over TP ranks — an all-reduce, or a reduce-scatter along the sequence under
 sequence parallelism — belongs to megatron-core's mapping in front of this Function (models/output_head.py), exactly
 as ColumnParallelLinear's backward reduces the output layer's input gradient. Padding rows of W get a zero gradient.
 
-Memory beyond h, W and their gradients: the chunk's logits [chunk_tokens, n_real] in h's dtype plus the fp32
-work buffers of vocab_parallel (forward: one fp32 [chunk_tokens, n_real]; backward: none for fp32 — the gradient
-is formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient) and O(N·K).
-∂W is accumulated in W's dtype, one rounding per chunk (bf16: see docs/performance.md for the measured tolerance).
+Memory beyond h, W and their gradients ∂h, ∂W (the backward's outputs, allocated once): one buffer of
+chunk_tokens·n_real elements in h's dtype, allocated once per pass and reused by every chunk/block (GEMM out=),
+plus the fp32 work buffers of vocab_parallel of the same size (forward: none for fp32 — z − m_r is formed in the
+chunk's own buffer, e^{z−m_r} 64 rows at a time —, one for bf16/fp16; backward: none for fp32 — the gradient is
+formed in the recomputed logits' buffer —, one for bf16/fp16, one more with an entropy gradient; the Triton
+kernel's gradient buffer instead) and O(N·K). The fp32 backward's peak is therefore ∂W + ∂h + one chunk
+(benchmarks/loss_memory_bench.py --show-peak lists it; tests/test_loss_fused_linear.py checks it).
+∂h is accumulated in h's dtype, one rounding per block (bf16: see docs/performance.md for the measured tolerance).
 """
 from __future__ import annotations
 
@@ -33,56 +42,95 @@ import torch
 from . import triton_kernels
 from . import vocab_parallel as vp
 
-DEFAULT_FUSED_CHUNK_TOKENS = 512
+DEFAULT_FUSED_CHUNK_TOKENS = 128  # the measured choice: docs/performance.md "The default"
 
 
-def _chunk_logits(h_chunk: torch.Tensor, w_real: torch.Tensor) -> torch.Tensor:
-    """x = h Wᵀ for one chunk: [n, n_real] in h's dtype, a fresh buffer the caller may overwrite."""
-    return torch.matmul(h_chunk, w_real.t())
+def _flat_buffer(numel: int, dtype, device) -> torch.Tensor:
+    """One flat buffer for a loop's [rows, cols] chunks: every chunk is a contiguous view of its first rows·cols
+    elements (a short last chunk included), so the loop allocates once and GEMMs write into it with out=."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def _view(flat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return flat[: rows * cols].view(rows, cols)
+
+
+def vocab_block_width(n_tokens: int, n_real: int, chunk_tokens: int) -> int:
+    """The backward's vocabulary block: [N, width] holds as many elements as a [chunk_tokens, n_real] chunk."""
+    return max(1, min(n_real, chunk_tokens * n_real // max(n_tokens, 1)))
+
+
+def _own_chunk_partials(x, targets, top_k, shard, inv_t, rows=64) -> torch.Tensor:
+    """vocab_parallel.local_partials of an fp32 chunk x [n, n_real] that the caller owns and lets go of: the same
+    named steps (local_topk, local_target_logit, then S_r, E_r as local_exp_sums forms them), but y = z − m_r
+    overwrites x, so the only new buffer is e^y for `rows` rows at a time (not two fp32 [n/2, n_real] buffers)."""
+    values, ids = vp.local_topk(x, top_k, shard, inv_t)
+    target_z = vp.local_target_logit(x, targets, shard, inv_t)
+    y = torch.add(-values[:, :1], x, alpha=inv_t, out=x)  # z − m_r, in x's own buffer
+    sum_exp = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    sum_exp_z = torch.empty_like(sum_exp)
+    for a in range(0, x.shape[0], rows):
+        e = torch.exp(y[a:a + rows])
+        sum_exp[a:a + rows] = e.sum(dim=1)
+        sum_exp_z[a:a + rows] = e.mul_(y[a:a + rows]).sum(dim=1)
+    return vp.pack_partials(values, ids, sum_exp, sum_exp_z, target_z)
 
 
 def fused_forward(hidden2d, weight, targets1d, top_k, tp_group, temperature, shard, chunk_tokens, backend):
     """Chunked GEMM + local partials → one all-gather → merge. Returns vocab_parallel._forward's 5-tuple."""
     N = hidden2d.shape[0]
     inv_t = 1.0 / temperature
-    w_real = weight[: shard.n_real]
+    w_real_t = weight[: shard.n_real].t()  # [H, n_real] view
     partials = torch.empty((N, 2 * top_k + 3), dtype=torch.float64, device=hidden2d.device)
+    flat = _flat_buffer(min(chunk_tokens, N) * shard.n_real, hidden2d.dtype, hidden2d.device)
     for a in range(0, N, chunk_tokens):
         b = min(a + chunk_tokens, N)
-        x = _chunk_logits(hidden2d[a:b], w_real)  # [n, n_real]
-        partials[a:b] = vp.local_partials(x, targets1d[a:b], top_k, shard, inv_t, chunk_tokens, backend)
-        del x
+        x = torch.matmul(hidden2d[a:b], w_real_t, out=_view(flat, b - a, shard.n_real))  # GEMM 1: [n, n_real]
+        if backend == "torch" and x.dtype == torch.float32 and shard.n_real > 0:
+            partials[a:b] = _own_chunk_partials(x, targets1d[a:b], top_k, shard, inv_t)
+        else:  # bf16/fp16 (z − m_r is formed in fp32) and the Triton kernel
+            partials[a:b] = vp.local_partials(x, targets1d[a:b], top_k, shard, inv_t, chunk_tokens, backend)
+    del flat
     return vp.gather_and_merge(partials, top_k, tp_group, shard)
 
 
 def fused_backward(hidden2d, weight, ids, betas, lse, temperature, shard, chunk_tokens, backend,
                    grad_entropy=None, entropy=None):
     """(∂h [N, H] in h's dtype, ∂W [V_local, H] in W's dtype) from the per-token β [N, K+1] (ids [N, K+1]) and,
-    with an entropy gradient, g_H and H [N]. Recomputes each chunk's logits; no [N, V_local] tensor."""
+    with an entropy gradient, g_H and H [N]. Streams vocabulary blocks [N, width] (vocab_block_width: the
+    elements of one [chunk_tokens, n_real] chunk); no [N, V_local] tensor. Each block's ∂W rows are written once
+    (one GEMM over all N tokens); ∂h accumulates over the blocks."""
     N = hidden2d.shape[0]
     inv_t = 1.0 / temperature
-    w_real = weight[: shard.n_real]
+    width = vocab_block_width(N, shard.n_real, chunk_tokens)
     grad_h = torch.empty_like(hidden2d)
-    grad_w = torch.zeros_like(weight)  # padding rows stay 0
-    grad_w_real = grad_w[: shard.n_real]
-    f32 = dict(dtype=torch.float32, device=hidden2d.device)
-    for a in range(0, N, chunk_tokens):
-        b = min(a + chunk_tokens, N)
-        x = _chunk_logits(hidden2d[a:b], w_real)  # [n, n_real], recomputed
-        g_h = None if grad_entropy is None else grad_entropy[a:b]
-        h_ent = None if grad_entropy is None else entropy[a:b]
+    grad_w = torch.empty_like(weight)
+    grad_w[shard.n_real:] = 0  # padding rows; every real row is written by its block's GEMM 4
+    dev = hidden2d.device
+    flat_x = _flat_buffer(N * width, hidden2d.dtype, dev)
+    in_place = hidden2d.dtype == torch.float32  # fp32: the gradient is formed in the recomputed logits' buffer
+    flat_p = None if in_place or backend == "triton" else _flat_buffer(N * width, torch.float32, dev)
+    flat_work = _flat_buffer(N * width, torch.float32, dev) if grad_entropy is not None and backend != "triton" \
+        else None
+    for v0 in range(0, shard.n_real, width):
+        v1 = min(v0 + width, shard.n_real)
+        w_block = weight[v0:v1]  # [nb, H]
+        block = vp._Shard(start=shard.start + v0, n_real=v1 - v0, tp_size=shard.tp_size)  # ids owned by this block
+        x = torch.matmul(hidden2d, w_block.t(), out=_view(flat_x, N, v1 - v0))  # GEMM 2: [N, nb], recomputed
         if backend == "triton":
-            g = triton_kernels.softmax_gradient(x, ids[a:b], betas[a:b], lse[a:b], inv_t, shard,
-                                                grad_entropy=g_h, entropy=h_ent)
+            g = triton_kernels.softmax_gradient(x, ids, betas, lse, inv_t, block,
+                                                grad_entropy=grad_entropy, entropy=entropy)
         else:
             g = x  # the gradient overwrites the recomputed logits (softmax_gradient_chunk reads x once per entry)
-            p_buf = x if x.dtype == torch.float32 else torch.empty(x.shape, **f32)
-            work = torch.empty(x.shape, **f32) if g_h is not None else None
-            vp.softmax_gradient_chunk(x, g, p_buf, lse[a:b], inv_t, shard, ids[a:b], betas[a:b],
-                                      grad_entropy=g_h, entropy=h_ent, work=work)
-            del p_buf, work
-        torch.matmul(g, w_real, out=grad_h[a:b])  # GEMM 3: [n, H]
-        grad_w_real.addmm_(g.t(), hidden2d[a:b])  # GEMM 4: [n_real, H]
+            p_buf = x if in_place else _view(flat_p, N, v1 - v0)
+            work = None if flat_work is None else _view(flat_work, N, v1 - v0)
+            vp.softmax_gradient_chunk(x, g, p_buf, lse, inv_t, block, ids, betas,
+                                      grad_entropy=grad_entropy, entropy=entropy, work=work)
+        torch.matmul(g.t(), hidden2d, out=grad_w[v0:v1])  # GEMM 4: [nb, H], written once
+        if v0 == 0:
+            torch.matmul(g, w_block, out=grad_h)  # GEMM 3: [N, H]
+        else:
+            grad_h.addmm_(g, w_block)
         del x, g
     return grad_h, grad_w
 
