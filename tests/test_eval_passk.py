@@ -124,13 +124,10 @@ def test_bad_results_file_is_one_line_exit_2(content, needle, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-    """A briefly supervised chain_sum model, so rewards are mixed and pass@k is not trivially 0 or 1."""
-    from megatron_simko.models.tiny import TinyModelSpec, make_tiny_model
-
-    out = str(tmp_path_factory.mktemp("warm") / "model")
-    make_tiny_model(out, TinyModelSpec(task="chain_sum", sft_steps=150, eval_prompts=0, threads=1), log=lambda m: None)
-    return out
+def warm(tiny_model):
+    """A briefly supervised chain_sum model, so rewards are mixed and pass@k is not trivially 0 or 1: the session's
+    read-only tiny model (tests/conftest.py), which the end-to-end training tests use too."""
+    return tiny_model
 
 
 def cli(*args):

@@ -55,11 +55,19 @@ def _check_gated(m, K=3):
             assert 1.0 >= p[0] >= p[1] >= p[2] > 0.0 and sum(p) <= 1.0 + 1e-6
 
 
-@pytest.mark.slow
-def test_train_two_steps_then_resume_exactly(tiny_model, tmp_path):
-    run_a = tmp_path / "a"
+@pytest.fixture(scope="module")
+def two_steps(tiny_model, tmp_path_factory):
+    """TP 2, vLLM, two steps with a checkpoint after each: its metrics and stdout, read-only for the tests below
+    (the resume test and the fused-linear comparison, whose logits-path run is this run's step 1)."""
+    run_a = tmp_path_factory.mktemp("two_steps") / "a"
     metrics_a, stdout = _train(run_a, tiny_model, "train.steps=2", "checkpoint.save_every=1",
                                "checkpoint.resume=none")
+    return run_a, metrics_a, stdout
+
+
+@pytest.mark.slow
+def test_train_two_steps_then_resume_exactly(two_steps, tiny_model, tmp_path):
+    run_a, metrics_a, stdout = two_steps
     assert [m["step"] for m in metrics_a] == [1, 2]
     for m in metrics_a:
         # the engine's log-probs are the trainer's (fp32 on both sides, weights synced and checksum-verified)
@@ -189,16 +197,16 @@ def test_dynamic_sampling_and_grpo_warmup_resume_exactly(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_linear_run_equals_logits_run(tiny_model, tmp_path):
+def test_fused_linear_run_equals_logits_run(two_steps, tiny_model, tmp_path):
     """loss.fused_linear=true (statistics from the hidden states, no logits) gives the logits path's metrics for the
-    same seed: one step (old log-probs, loss, gradients, the update), TP = 2, 1e-6. One step only: after it the two
-    runs' weights differ by rounding, which may flip a sampled token of the next rollout."""
-    runs = {}
-    for fused in ("false", "true"):
-        metrics, _ = _train(tmp_path / fused, tiny_model, "train.steps=1", "checkpoint.save_every=0",
-                            "checkpoint.resume=none", "rollout.backend=transformers", f"loss.fused_linear={fused}")
-        runs[fused] = metrics[0]
-    a, b = runs["false"], runs["true"]
+    same seed: one step (old log-probs, loss, gradients, the update), TP = 2, 1e-6. The logits path's step is step 1
+    of the two-step run above (same config and seed; constant LR, so the run's length does not enter step 1). One
+    step only: after it the two runs' weights differ by rounding, which may flip a sampled token of the next
+    rollout."""
+    _, metrics_a, _ = two_steps
+    metrics, _ = _train(tmp_path / "fused", tiny_model, "train.steps=1", "checkpoint.save_every=0",
+                        "checkpoint.resume=none", "loss.fused_linear=true")
+    a, b = metrics_a[0], metrics[0]
     compared = [k for k in a if not k.startswith(NONDETERMINISTIC) and isinstance(a[k], (int, float))]
     assert "loss/pg_loss" in compared and "grad_norm" in compared and set(compared) <= set(b)
     diffs = {k: (a[k], b[k]) for k in compared if abs(a[k] - b[k]) > 1e-6 * max(1.0, abs(a[k]))}

@@ -113,28 +113,28 @@ def test_two_runs_at_once_one_killed_hard_then_resumed(tiny_model, tmp_path):
                            ["1 + 1", " + ".join(["1"] * 150), "3 - 1", "4 / 2", "2 * 1"]))
     common = ["optimizer.lr_schedule=cosine", "optimizer.warmup_steps=2", "optimizer.grad_clip=0",
               f"data.validation={val}", "train.validate_every=1", "checkpoint.save_every=1"]
-    a = Run(tmp_path / "a", tiny_model, *common, "train.steps=8", tag="a")
+    a = Run(tmp_path / "a", tiny_model, *common, "train.steps=4", tag="a")
     b = Run(tmp_path / "b", tiny_model, *common, "train.steps=3", tag="b")
     wait_for(lambda: 1 in a.steps_logged() and os.path.exists(tmp_path / "a/checkpoints/latest"), 900,
              "run a's first step and checkpoint", runs=(a, b))
     assert b.proc.poll() is None, "run b ended before run a was killed: the runs did not overlap"
     a.kill()  # SIGKILL to torchrun and both ranks
-    assert a.proc.wait() == -signal.SIGKILL and 8 not in a.steps_logged()
+    assert a.proc.wait() == -signal.SIGKILL and 4 not in a.steps_logged()
     with open(tmp_path / "a/metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 2, "time": 17')  # the partial line a kill during a write leaves
     saved = int((tmp_path / "a/checkpoints/latest").read_text())
 
     # the killed run resumes at once, next to the other run, with a longer decaying schedule
-    a2 = Run(tmp_path / "a", tiny_model, *common, "train.steps=9", tag="a2")
+    a2 = Run(tmp_path / "a", tiny_model, *common, "train.steps=5", tag="a2")
     assert b.wait(900) == 0, b.output()[-4000:]
     assert a2.wait(900) == 0, a2.output()[-4000:]
     out = a2.output()
     assert f"resumed from {tmp_path / 'a/checkpoints'} at step {saved}" in out
-    assert "LR schedule from the current config, not the checkpoint's: lr_decay_steps 16 -> 18" in out
+    assert "LR schedule from the current config, not the checkpoint's: lr_decay_steps 8 -> 10" in out
     assert "data.validation: dropped 1 of 4 prompts longer than rollout.max_prompt_length=192 tokens" in out
     with open(tmp_path / "a/metrics.jsonl", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]  # every line complete
-    assert [r["step"] for r in records] == list(range(1, 10))
+    assert [r["step"] for r in records] == list(range(1, 6))
     for r in records:
         assert "train/skipped_updates" in r and r["reward/timeouts"] == r["reward/errors"] == 0, r
         assert "val/pass@1" in r

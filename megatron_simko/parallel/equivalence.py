@@ -292,14 +292,17 @@ class Comparison:
         self.add(quantity, tol_key, float(diff.max()) if diff.numel() else 0.0, int(known.sum()), item)
 
 
-def worker(args) -> int:
+def worker(args, with_reference: bool = True, keep_process_group: bool = False) -> int:
+    """Phase 2 on every rank. ``with_reference=False``: rank 0 already wrote ``args.reference`` (before this
+    job's process group existed); ``keep_process_group``: leave the world group up for the caller's next case
+    (one launch running several cases of the same world size: tests/parallel_equivalence_worker.py)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
     from megatron_simko.parallel import destroy_parallel, initialize_parallel
     from megatron_simko.trainer.batch import RLBatch
 
-    if int(os.environ["RANK"]) == 0:  # the others wait in initialize_parallel meanwhile
+    if with_reference and int(os.environ["RANK"]) == 0:  # the others wait in initialize_parallel meanwhile
         t0 = time.time()
         reference(args, make_arch(args), args.reference)
         print(f"reference (one device) computed in {time.time() - t0:.1f} s", flush=True)
@@ -376,14 +379,17 @@ def worker(args) -> int:
             want = shard_of(ref["params"][gname], p, name, args.tp, layout.tp_rank, glu)
             cmp.tensor("params after one Adam step", "param", p.detach(), want, item=gname)
 
-    return report(args, cmp, covered, set(ref["grads"]), skip_grads, layout, dist, mpu, destroy_parallel)
-
-
-def report(args, cmp, covered, expected, skip_grads, layout, dist, mpu, destroy_parallel) -> int:
-    """Reduce every rank's rows (max diff, summed counts) and the coverage to rank 0; print the table."""
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (cmp.rows, sorted(covered)))
-    destroy_parallel()
+    if keep_process_group:
+        mpu.destroy_model_parallel()
+    else:
+        destroy_parallel()
+    return report(args, gathered, set(ref["grads"]), skip_grads, layout)
+
+
+def report(args, gathered, expected, skip_grads, layout) -> int:
+    """Reduce every rank's rows (max diff, summed counts) and the coverage to rank 0; print the table."""
     if layout.rank != 0:
         return 0
     rows, all_covered = {}, set()
