@@ -16,29 +16,24 @@ import sys
 import numpy as np
 
 from megatron_simko.eval.paired import paired_differences
-from megatron_simko.eval.passk import pass_at_k
+from megatron_simko.eval.passk import pass_at_k_table
 from megatron_simko.eval.results import read_per_problem_csv, write_text_atomic
 
 ARMS = ("grpo", "simko", "simko_a03", "entropy_adv", "kl_cov")
 
 
-def mean_passk(counts, k: int) -> float:
-    return float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
-
-
-def last_gated(run_dir: str, last: int = 1) -> dict:
-    """Mean over the last `last` steps of gated/all p_2 + p_3 and p_1 (the trainer's diagnostics)."""
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
-    rows = [r for r in rows if "gated/all/p_2" in r][-last:]
-    return {"p23": float(np.mean([r["gated/all/p_2"] + r["gated/all/p_3"] for r in rows])),
-            "p1": float(np.mean([r["gated/all/p_1"] for r in rows]))}
+def gated_p23(run_dir: str) -> list[float]:
+    """gated/all p_2 + p_3 at every step that logged it (the trainer's diagnostics), in step order."""
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [r["gated/all/p_2"] + r["gated/all/p_3"] for r in rows if "gated/all/p_2" in r]
 
 
 def readings(study: str) -> str:
     pp = read_per_problem_csv(os.path.join(study, "passk", "per_problem.csv"))
     seeds = sorted({int(m.rsplit("-s", 1)[1]) for m, _ in pp if m.startswith("grpo-s")})
     ks = [1, 256]
-    pk = {m: {k: mean_passk(c, k) for k in ks} for (m, _), c in pp.items()}
+    pk = {m: pass_at_k_table(c, ks) for (m, _), c in pp.items()}
     arm_mean = {a: {k: float(np.mean([pk[f"{a}-s{s}"][k] for s in seeds])) for k in ks} for a in ARMS
                 if f"{a}-s{seeds[0]}" in pk}
     base = pk["base"]
@@ -63,10 +58,9 @@ def readings(study: str) -> str:
                f" → {'met' if h1 else 'not met'}")
 
     h2_pairs = [d("simko_a03", s, 256) for s in seeds]
-    g = {a: [last_gated(os.path.join(study, "runs", f"{a}-s{s}")) for s in seeds] for a in ("grpo", "simko_a03")}
-    p23 = {a: float(np.mean([x["p23"] for x in g[a]])) for a in g}
-    p23_5 = {a: float(np.mean([last_gated(os.path.join(study, "runs", f"{a}-s{s}"), 5)["p23"] for s in seeds]))
-             for a in g}
+    g = {a: [gated_p23(os.path.join(study, "runs", f"{a}-s{s}")) for s in seeds] for a in ("grpo", "simko_a03")}
+    p23 = {a: float(np.mean([x[-1] for x in g[a]])) for a in g}             # the last step, mean over seeds
+    p23_5 = {a: float(np.mean([np.mean(x[-5:]) for x in g[a]])) for a in g}  # the last 5 steps
     h2 = all(x >= 0.10 for x in h2_pairs) and p23["simko_a03"] >= 2 * p23["grpo"]
     out.append(f"- **H2** (α = 0.3 − GRPO at pass@256 ≥ +0.10 in every pair AND gated p_2 + p_3 at the last step ≥ "
                f"2× GRPO's): pairs {', '.join(f'{x:+.3f}' for x in h2_pairs)}; gated p_2 + p_3 at the last step "
