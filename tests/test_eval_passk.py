@@ -212,3 +212,30 @@ def test_models_benchmarks_rounds_files_and_resume(warm, tmp_path):
     proc = cli(*base, "--n", "16", "--temperature", "1.0")
     assert proc.returncode == 2 and "temperature" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert mtimes(out) == grown
+
+    # One engine serves the models of one architecture: `a`'s weights swapped into an engine built for another
+    # model (same config, other weights) sample exactly what a fresh engine drew for `a` above, bit for bit.
+    other = perturbed_copy(warm, str(tmp_path / "other"))
+    out2 = str(tmp_path / "eval_shared")
+    shared = [a.replace(out, out2) for a in base]
+    shared[shared.index(f"a={warm}")], shared[shared.index(f"b={warm}")] = f"o={other}", f"a={warm}"
+    proc = cli(*shared, "--n", "16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a: weights swapped into the running engine" in proc.stdout, proc.stdout[-2000:]
+    for bench in ("cs", "file"):
+        assert read_rows(out2, "a", bench) == read_rows(out, "a", bench)
+    assert strip(read_rows(out2, "o", "cs")) != strip(read_rows(out, "a", "cs"))  # other weights: not trivial
+
+
+def perturbed_copy(model_dir: str, dest: str) -> str:
+    """The model folder with every weight moved by a little noise (same config, tokenizer and files)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    gen = torch.Generator().manual_seed(0)
+    path = os.path.join(dest, "model.safetensors")
+    weights = load_file(path)
+    save_file({k: v + 0.02 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in weights.items()}, path,
+              metadata={"format": "pt"})
+    return dest

@@ -27,6 +27,7 @@ def test_guard_counts_consecutive_skips():
 
 
 @pytest.mark.slow
+@pytest.mark.dev_shm
 def test_nonfinite_updates_are_skipped_on_every_rank(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from megatron_simko.rollout import (  # noqa: E402
 )
 from megatron_simko.rollout.weight_sync import compare_checksums, slice_piece, tensor_checksum  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dev_shm]  # dev_shm: vLLM TP > 1 (tests/run.sh)
 
 PROMPTS = [[11, 42, 7, 300, 5], [99, 1, 250], [3, 14, 15, 92, 65, 35]]
 TOL = 1e-4

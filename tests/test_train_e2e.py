@@ -66,6 +66,7 @@ def two_steps(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.dev_shm
 def test_train_two_steps_then_resume_exactly(two_steps, tiny_model, tmp_path):
     run_a, metrics_a, stdout = two_steps
     assert [m["step"] for m in metrics_a] == [1, 2]
@@ -168,6 +169,7 @@ def test_bad_configs_fail_before_any_process_group(override, needle):
 
 
 @pytest.mark.slow
+@pytest.mark.dev_shm
 def test_dynamic_sampling_and_grpo_warmup_resume_exactly(tiny_model, tmp_path):
     """rollout.dynamic_sampling + loss.grpo_warmup_steps=1, DP 2 (two ranks, TP 1), transformers rollouts: the
     metrics and log lines are there, step 1 is GRPO and step 2 SimKO, and a run resumed from step 1's checkpoint
@@ -197,6 +199,7 @@ def test_dynamic_sampling_and_grpo_warmup_resume_exactly(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.dev_shm
 def test_fused_linear_run_equals_logits_run(two_steps, tiny_model, tmp_path):
     """loss.fused_linear=true (statistics from the hidden states, no logits) gives the logits path's metrics for the
     same seed: one step (old log-probs, loss, gradients, the update), TP = 2, 1e-6. The logits path's step is step 1

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, shm_segments
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dev_shm]  # dev_shm: vLLM TP > 1 (tests/run.sh)
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 SMALL = ["data.prompts_per_step=8", "train.mini_batch_size=4", "rollout.n_samples=4", "rollout.max_response_length=16",
          "data.validation_size=4", "checkpoint.resume=auto"]

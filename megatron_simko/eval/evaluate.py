@@ -1,5 +1,6 @@
 """pass@k evaluation at the paper's protocol: several models × several benchmarks, n samples per problem drawn
-in rounds of distinct seeds, one vLLM engine per model, resumable (files: ``eval/results.py``).
+in rounds of distinct seeds, resumable (files: ``eval/results.py``); one vLLM engine while the models share an
+architecture (their weights swapped in turn), a new one when it changes.
 
     evaluate({"base": "runs/base", "simko": "runs/simko/hf_final"},
              {"countdown": "reasoning_gym/countdown"}, EvalSettings(n=256, **PROTOCOLS["paper"]), "runs/passk")
@@ -269,15 +270,26 @@ def _draw(p: Prepared, s: EvalSettings, out_dir: str, todo: set, progress: bool,
 
     total = sum(len(p.problems[b]) * s.round_size for _, b, r in todo)
     bar = tqdm(total=total, desc="samples", unit="sample", disable=not progress, dynamic_ncols=True)
+    engine = None
     with RewardScorer(timeout_s=s.reward_timeout_s) as scorer:
-        for m, path in p.models.items():
-            mine = sorted((b, r) for mm, b, r in todo if mm == m)
-            if not mine:
-                continue
-            engine = VLLMRolloutEngine(VLLMEngineConfig(model_dir=path, dtype=s.dtype, max_model_len=p.max_model_len[m],
-                                                        seed=s.seed, cpu_kv_cache_gib=s.kv_cache_gib))
-            tok = load_tokenizer(path)
-            try:
+        try:
+            for m, path in p.models.items():
+                mine = sorted((b, r) for mm, b, r in todo if mm == m)
+                if not mine:
+                    continue
+                # One engine while the models share an architecture (a study's checkpoints): the next model's
+                # weights are swapped in instead of building an engine again (seconds each on CPU).
+                if engine is not None and engine.serves_like(path, p.max_model_len[m]):
+                    swap = engine.load_model_weights(path)
+                    log(f"{m}: weights swapped into the running engine ({swap['seconds']:.1f} s)")
+                else:
+                    if engine is not None:
+                        engine.shutdown()
+                    engine = None
+                    engine = VLLMRolloutEngine(VLLMEngineConfig(
+                        model_dir=path, dtype=s.dtype, max_model_len=p.max_model_len[m], seed=s.seed,
+                        cpu_kv_cache_gib=s.kv_cache_gib))
+                tok = load_tokenizer(path)
                 for b, r in mine:
                     bar.set_description(f"{m} / {b} / round {r + 1}/{s.rounds}")
                     params = SamplingConfig(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
@@ -298,7 +310,8 @@ def _draw(p: Prepared, s: EvalSettings, out_dir: str, todo: set, progress: bool,
                             t += 1
                     write_jsonl_atomic(round_path(out_dir, m, b, r), rows)
                     bar.update(len(rows))
-            finally:
+        finally:
+            if engine is not None:
                 engine.shutdown()
     bar.close()
     if scorer.n_timeouts or scorer.n_errors:

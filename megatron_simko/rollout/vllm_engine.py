@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -371,6 +371,26 @@ class VLLMRolloutEngine(RolloutEngine):
             self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
         return {"tensors": count["tensors"], "bytes": count["bytes"], "seconds": time.perf_counter() - t0}
+
+    def serves_like(self, model_dir: str, max_model_len: int) -> bool:
+        """Whether this engine can serve ``model_dir`` by swapping weights only (``load_model_weights``): the
+        same config.json, the same EOS ids and the same context — everything the engine was built from except
+        the weights, so its samples are those of an engine built for ``model_dir`` (tests/test_eval_passk.py)."""
+        return (read_model_config(model_dir) == read_model_config(self.config.model_dir)
+                and model_eos_token_ids(model_dir) == self.eos_token_ids and max_model_len == self.max_model_len)
+
+    def load_model_weights(self, model_dir: str) -> dict:
+        """Swap in another model folder's weights (a ``serves_like`` folder): its safetensors streamed through
+        ``update_weights``, as a fresh engine's load would; afterwards the engine serves ``model_dir``."""
+        from megatron_simko.checkpoint.safetensors_io import SafetensorsDir
+
+        if not self.serves_like(model_dir, self.max_model_len):
+            raise ValueError(f"{model_dir}: not the architecture / EOS ids of the engine's model "
+                             f"{self.config.model_dir}; build a new engine for it")
+        weights = SafetensorsDir(model_dir)
+        report = self.update_weights((name, weights.read(name)) for name in weights.names())
+        self.config = replace(self.config, model_dir=model_dir)
+        return report
 
     def weight_layout(self) -> Dict[str, List[Tuple[int, int, int]]]:
         """Which part of each HF tensor this rank's engine holds: {hf_name: [(dim, start, stop), ...]}."""
