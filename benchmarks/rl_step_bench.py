@@ -3,13 +3,21 @@
 workload, each system in its own process(es), one after the other (issue 22).
 
     python benchmarks/rl_step_bench.py [--systems trl,tp1_transformers,tp1_vllm,tp2_vllm] [--steps 12]
-        [--threads 2] [--work-dir runs/rl_step_bench] [--out results.json] [--model-dir DIR] [--trl-python PY]
+        [--repeats 3] [--threads 2] [--work-dir runs/rl_step_bench] [--out results.json] [--model-dir DIR]
+        [--trl-python PY]
 
 Workload: the quickstart's tiny model (tools/make_tiny_model.py with the quickstart's arguments, built once in
 <work-dir>/model unless --model-dir), reasoning-gym chain_sum as in examples/configs/quickstart.yaml; per RL step
 16 prompts × 8 samples, ≤ 32 new tokens, temperature 1, then 2 optimizer steps of 8 prompts each with the GRPO
 loss (token mean, clip ε = 0.2, no KL term), Adam lr 1e-4 constant, gradient clipping 1.0. Every process gets
 OMP_NUM_THREADS = --threads / its process count. Each number is the median over steps 3..--steps.
+
+Repeats: the systems run --repeats times, one pass after another, each pass starting one system later in the
+list (so a slow drift of the machine's speed does not always land on the same system). A shared 2-core VM's
+speed moves by tens of percent over minutes (measured: the matmul peak 100 vs 203 GFLOP/s ten minutes apart), so
+one pass does not rank anything close. The table gives per system the median over passes of every column, and
+the ratio to TRL as the median of the passes' own ratios (each against TRL's run in the same pass); the per-pass
+ratios are printed under it and every pass is in --out.
 
 - ours: `torchrun -m megatron_simko.train` as examples/quickstart.sh launches it, with the workload as config
   overrides (no validation, no checkpoint before the last step); phase times read from its metrics.jsonl
@@ -142,6 +150,38 @@ def step_medians(path: str, first: int, last: int, params: int) -> Dict[str, Opt
 def with_ratio(row: dict, trl_s_per_step: Optional[float]) -> dict:
     """A measured row plus its s / step as a multiple of TRL's (None without TRL)."""
     return {**row, "ratio_to_trl": row["s_per_step"] / trl_s_per_step if trl_s_per_step else None}
+
+
+def combine_passes(passes: Sequence[Dict[str, dict]]) -> Dict[str, dict]:
+    """Per system, the median over passes of each numeric column (None where a pass has None), skipped updates
+    summed, and ratio_to_trl = the median of the passes' own ratios; a system that failed in any pass keeps
+    that pass's error (its other passes stay in the JSON)."""
+    out: Dict[str, dict] = {}
+    for name in passes[0]:
+        rows = [p[name] for p in passes]
+        failed = next((r for r in rows if r.get("error")), None)
+        if failed:
+            out[name] = failed
+            continue
+        row = {"label": rows[0]["label"]}
+        for key in rows[0]:
+            if key == "label":
+                continue
+            values = [r.get(key) for r in rows]
+            if key == "skipped_updates":
+                row[key] = float(sum(values))
+            elif any(v is None for v in values):
+                row[key] = None
+            else:
+                row[key] = statistics.median(values)
+        out[name] = row
+    return out
+
+
+def rotated(names: Sequence[str], k: int) -> List[str]:
+    """The systems in pass k's order: the list started k places later."""
+    k %= len(names)
+    return list(names[k:]) + list(names[:k])
 
 
 def format_table(rows: Sequence[dict], peak_gflops: Optional[float]) -> str:
@@ -346,6 +386,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     p.add_argument("--steps", type=int, default=12, help=f"RL steps per system; medians over {FIRST_TIMED_STEP}..steps")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the systems (module docstring)")
     p.add_argument("--threads", type=int, default=2, help="threads per system, split evenly over its processes")
     p.add_argument("--work-dir", default=os.path.join(REPO, "runs", "rl_step_bench"),
                    help="model, runs, logs and the TRL environment")
@@ -360,6 +401,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(str(exc))
     if args.steps < FIRST_TIMED_STEP:
         p.error(f"--steps {args.steps}: the medians start at step {FIRST_TIMED_STEP}; give at least that")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: give at least 1")
     if args.threads < 1 or any(args.threads % SYSTEMS[s].processes for s in args.systems):
         p.error(f"--threads {args.threads}: must be >= 1 and divisible by every chosen system's process count")
     if args.model_dir and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
@@ -381,26 +424,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
         params = matmul_params(json.load(f))
     info = machine_info()
-    peak = matmul_peak_gflops(args.threads)
-    print(f"== machine: {info['cpu']}, {info['cpus']} CPUs, load {info['load_avg_1_5_15']}; fp32 matmul peak on "
-          f"{args.threads} threads: {peak:.1f} GFLOP/s; P = {params:,} matmul parameters", flush=True)
+    print(f"== machine: {info['cpu']}, {info['cpus']} CPUs, load {info['load_avg_1_5_15']}; P = {params:,} matmul "
+          f"parameters; {args.repeats} pass(es) over {', '.join(args.systems)}", flush=True)
     header = {"command": [os.path.relpath(__file__, REPO)] + list(argv if argv is not None else sys.argv[1:]),
               "machine": info, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "workload": {"prompts": PROMPTS, "samples": SAMPLES, "max_new_tokens": MAX_NEW_TOKENS,
                            "updates_per_step": UPDATES_PER_STEP, "lr": LR, "temperature": TEMPERATURE,
                            "steps": args.steps, "median_of_steps": [FIRST_TIMED_STEP, args.steps],
-                           "threads": args.threads},
-              "model_dir": model, "matmul_params": params, "peak_gflops": peak, "trl_version": TRL_VERSION}
-    measured: Dict[str, dict] = {}
-    for name in args.systems:
-        measured[name] = measure(SYSTEMS[name], args, work, model, params)
-        if args.out:  # after every system: a run cut short keeps what finished
-            write_json_atomic(args.out, {**header, "systems": results(measured)})
-    rows = list(results(measured).values())
-    print(f"\nmedians of steps {FIRST_TIMED_STEP}..{args.steps}; seconds; GFLOP/s as a share of the {peak:.1f} "
-          f"GFLOP/s fp32 matmul peak on {args.threads} threads\n")
+                           "threads": args.threads, "repeats": args.repeats},
+              "model_dir": model, "matmul_params": params, "trl_version": TRL_VERSION}
+    passes: List[Dict[str, dict]] = []
+    peaks: List[float] = []
+    for k in range(args.repeats):
+        peaks.append(matmul_peak_gflops(args.threads))
+        print(f"== pass {k + 1}/{args.repeats}: fp32 matmul peak on {args.threads} threads {peaks[-1]:.1f} GFLOP/s, "
+              f"load {list(os.getloadavg())}", flush=True)
+        measured = {name: measure(SYSTEMS[name], args, work, model, params) for name in rotated(args.systems, k)}
+        passes.append(results({name: measured[name] for name in args.systems}))
+        if args.out:  # after every pass: a run cut short keeps what finished
+            write_json_atomic(args.out, {**header, "peak_gflops_per_pass": peaks, "passes": passes,
+                                         "systems": combine_passes(passes)})
+    rows = list(combine_passes(passes).values())
+    peak = statistics.median(peaks)
+    print(f"\nmedians over {args.repeats} pass(es) of the medians of steps {FIRST_TIMED_STEP}..{args.steps}; seconds; "
+          f"GFLOP/s as a share of the {peak:.1f} GFLOP/s fp32 matmul peak on {args.threads} threads (median of "
+          f"{', '.join(f'{x:.0f}' for x in peaks)})\n")
     print(format_table(rows, peak))
-    window = UPDATES_PER_STEP * (args.steps - FIRST_TIMED_STEP + 1)
+    if "trl" in args.systems and args.repeats > 1:
+        for name in args.systems:
+            ratios = [p[name].get("ratio_to_trl") for p in passes]
+            if name != "trl" and all(r is not None for r in ratios):
+                print(f"ratio to TRL per pass, {SYSTEMS[name].label}: {', '.join(f'{r:.2f}' for r in ratios)}")
+    window = UPDATES_PER_STEP * (args.steps - FIRST_TIMED_STEP + 1) * args.repeats
     for r in rows:
         if r.get("skipped_updates"):
             print(f"note: {r['label']} skipped {r['skipped_updates']:.0f} of {window} updates in steps "

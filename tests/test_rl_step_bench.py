@@ -104,6 +104,24 @@ def test_table_rows_and_ratios():
     assert alone and bench.format_table([alone], None).endswith("| – | 6400 | – | 40.0 |")
 
 
+def test_passes_combine_into_medians_and_paired_ratios():
+    def row(label, s, train, sync=0.02, skipped=0.0):
+        return {"label": label, "s_per_step": s, "train": train, "sync": sync, "skipped_updates": skipped}
+
+    passes = [bench.results({"trl": row("TRL", 1.4, 0.9, sync=None), "ours": row("ours", 1.0, 0.6, skipped=1.0)}),
+              bench.results({"trl": row("TRL", 1.0, 0.7, sync=None), "ours": row("ours", 0.9, 0.5)}),
+              bench.results({"trl": row("TRL", 1.2, 0.8, sync=None), "ours": row("ours", 1.2, 0.7)})]
+    combined = bench.combine_passes(passes)
+    ours, trl = combined["ours"], combined["trl"]
+    assert (ours["s_per_step"], ours["train"], ours["sync"]) == (1.0, 0.6, 0.02) and trl["sync"] is None
+    # the paired ratios are 1.0/1.4, 0.9/1.0, 1.2/1.2: their median (0.9), not 1.0 / 1.2 of the medians
+    assert ours["ratio_to_trl"] == pytest.approx(0.9) and trl["ratio_to_trl"] == 1.0
+    assert ours["skipped_updates"] == 1.0
+    failed = bench.combine_passes(passes[:1] + [{"trl": passes[1]["trl"], "ours": {"label": "ours", "error": "x"}}])
+    assert failed["ours"] == {"label": "ours", "error": "x"} and failed["trl"]["s_per_step"] == 1.2
+    assert bench.rotated(["a", "b", "c"], 0) == ["a", "b", "c"] and bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+
+
 def test_workload_overrides_are_a_valid_config(tmp_path):
     from megatron_simko.config import load_config
 
@@ -123,6 +141,7 @@ def test_workload_overrides_are_a_valid_config(tmp_path):
      "error: --trl-python applies to the trl system only (add trl to --systems)"),
     (["--steps", "2"], "--steps 2: the medians start at step 3"),
     (["--threads", "3"], "--threads 3: must be >= 1 and divisible by every chosen system's process count"),
+    (["--repeats", "0"], "--repeats 0: give at least 1"),
     (["--sys", "trl"], "unrecognized arguments: --sys"),
 ])
 def test_command_line_refusals(argv, needle, capsys):
@@ -136,7 +155,8 @@ def test_command_line_refusals(argv, needle, capsys):
 def test_ours_reduced_run_reports_phases(tiny_model, tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "benchmarks/rl_step_bench.py", "--systems", "tp1_transformers", "--steps",
-                           "3", "--model-dir", tiny_model, "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+                           "3", "--repeats", "1", "--model-dir", tiny_model, "--work-dir", str(tmp_path / "work"), "--out",
+                           str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -147,5 +167,6 @@ def test_ours_reduced_run_reports_phases(tiny_model, tmp_path):
         assert row[key] > 0, (key, row)
     assert row["ratio_to_trl"] is None  # TRL not in this run
     assert row["tokens_per_step"] > 16 * 8 * 20  # 128 sequences of a ~30-token prompt plus the response
-    assert result["peak_gflops"] > 0 and result["matmul_params"] > 1_000_000
+    assert len(result["passes"]) == 1 and result["passes"][0]["tp1_transformers"] == row  # one pass: its own row
+    assert result["peak_gflops_per_pass"][0] > 0 and result["matmul_params"] > 1_000_000
     assert "| ours, TP 1, transformers backend |" in proc.stdout
