@@ -13,7 +13,7 @@ bash "$ROOT/tools/setup_env.sh"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="$ROOT/.venv/bin/python"
-shm() { ls /dev/shm 2>/dev/null | grep -E 'cpushm|^psm_' | sort || true; }
+shm() { "$PY" -c 'import sys; sys.path.insert(0, "tests"); import conftest; print(*sorted(conftest.shm_segments()), sep="\n")'; }
 SHM_BEFORE="$(shm)"
 LANE2_LOG="$(mktemp)"
 stop_lane2() { [[ -n "${LANE2:-}" ]] && { pkill -TERM -P "$LANE2" 2>/dev/null; kill "$LANE2" 2>/dev/null; } || true; }

@@ -217,8 +217,8 @@ def test_models_benchmarks_rounds_files_and_resume(warm, tmp_path):
     # model (same config, other weights) sample exactly what a fresh engine drew for `a` above, bit for bit.
     other = perturbed_copy(warm, str(tmp_path / "other"))
     out2 = str(tmp_path / "eval_shared")
-    shared = [a.replace(out, out2) for a in base]
-    shared[shared.index(f"a={warm}")], shared[shared.index(f"b={warm}")] = f"o={other}", f"a={warm}"
+    assert base[:4] == ["--model", f"a={warm}", "--model", f"b={warm}"]
+    shared = ["--model", f"o={other}", "--model", f"a={warm}", *(a.replace(out, out2) for a in base[4:])]
     proc = cli(*shared, "--n", "16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "a: weights swapped into the running engine" in proc.stdout, proc.stdout[-2000:]

@@ -284,8 +284,7 @@ def _draw(p: Prepared, s: EvalSettings, out_dir: str, todo: set, progress: bool,
                     log(f"{m}: weights swapped into the running engine ({swap['seconds']:.1f} s)")
                 else:
                     if engine is not None:
-                        engine.shutdown()
-                    engine = None
+                        engine.shutdown()  # idempotent: the finally below may call it again if the build fails
                     engine = VLLMRolloutEngine(VLLMEngineConfig(
                         model_dir=path, dtype=s.dtype, max_model_len=p.max_model_len[m], seed=s.seed,
                         cpu_kv_cache_gib=s.kv_cache_gib))
